@@ -1,0 +1,5 @@
+import sys
+
+from occlab.cli import main
+
+sys.exit(main())
