@@ -150,8 +150,8 @@ def _render(plan: TownPlan, raster: Raster, agents: list[Agent], s: np.ndarray, 
     xs, ys = geo.centers(0), geo.centers(1)
     cols = np.stack(np.meshgrid(xs, ys, indexing="ij"), -1).reshape(-1, 2)  # (X*Y, 2) ego frame
     heights = geo.heights()
-    ground_layer = (heights < 0) & (heights >= -geo.voxel_size[2])
-    hdm = heights * 10.0
+    ground_layer = ((heights < 0) & (heights >= -geo.voxel_size[2])).astype(np.uint8)
+    hdm = np.floor(heights * 10.0).astype(np.int32)  # layer centres in whole decimetres (as the raster)
     sizes = np.array([a.size for a in agents])
     classes = np.array([a.cls for a in agents])
     pole_xy = plan.warp.to_physical(np.array([[p.x, p.y] for p in plan.poles]).reshape(-1, 2))
@@ -175,10 +175,11 @@ def _render(plan: TownPlan, raster: Raster, agents: list[Agent], s: np.ndarray, 
         ij = np.floor((world - raster.origin) / CELL).astype(np.int64)
         i = np.clip(ij[:, 0], 0, raster.ground.shape[0] - 1)
         j = np.clip(ij[:, 1], 0, raster.ground.shape[1] - 1)
-        obj, bottom, top = raster.obj[i, j], raster.bottom[i, j], raster.top[i, j]
-        stands = (obj[:, None] > 0) & (hdm[None, :] >= bottom[:, None]) & (hdm[None, :] < top[:, None])
-        frame = np.where(stands, obj[:, None], np.where(ground_layer[None, :], raster.ground[i, j][:, None], 0))
-        frame = frame.reshape(nx, ny, nz).astype(np.uint8)
+        flat = i * raster.ground.shape[1] + j
+        bottom, top = raster.bottom.ravel()[flat], raster.top.ravel()[flat]
+        stands = (bottom[:, None] <= hdm) & (hdm < top[:, None])  # empty cells have bottom = top = 0
+        frame = np.where(stands, raster.obj.ravel()[flat][:, None], raster.ground.ravel()[flat][:, None] * ground_layer)
+        frame = frame.reshape(nx, ny, nz)
         # poles: one voxel each
         if len(pole_xy):
             local = (pole_xy - xy[0]) @ rot
