@@ -144,50 +144,53 @@ def build_route(plan: TownPlan, road: Road, sign: int, lateral: float, along: fl
 def simulate(agents: list[Agent], frames: int, leader_ignores: int = 1) -> np.ndarray:
     """Move every agent along its route for `frames` steps; returns arc lengths s (frames, N).
 
-    Speed follows the route's limits (braking in time, waiting at stops) and keeps a gap to any vehicle or
-    pedestrian ahead in the same lane; the first `leader_ignores` agents (the ego) ignore the others.
+    Speed follows the route's limits (braking in time for the next three, waiting at stops) and keeps a gap
+    to any vehicle or pedestrian ahead in the same lane; the first `leader_ignores` agents (the ego) ignore
+    the others. Everything is vectorised over agents.
     """
     n = len(agents)
+    rows = np.arange(n)
     s = np.array([a.s0 for a in agents], float)
     v = np.array([a.v0 for a in agents], float)
-    pending = [sorted(lim for lim in a.route.limits if lim[0] >= a.s0 - 0.2) for a in agents]
+    limits = [sorted(lim for lim in a.route.limits if lim[0] >= a.s0 - 0.2) for a in agents]
+    table = np.tile(np.array([np.inf, np.inf, 0.0]), (n, max(map(len, limits)) + 3, 1))  # (N, M, 3) padded
+    for i, lim in enumerate(limits):
+        if lim:
+            table[i, : len(lim)] = lim
+    nxt = np.zeros(n, int)  # index of each agent's next pending limit
     waiting = np.zeros(n, int)
     cruise = np.array([a.speed for a in agents])
-    accel = np.array([a.accel for a in agents])
     brake = np.array([a.brake for a in agents])
+    accel = np.array([a.accel for a in agents])
     half_len = np.array([a.size[0] / 2 for a in agents])
     walker = np.array([a.cls == PEDESTRIAN for a in agents])
-    out = np.zeros((frames, n))
     routes = pack(agents)
     lengths = (routes[1] - 1) * STEP
+    out = np.zeros((frames, n))
     for t in range(frames):
         out[t] = s
         pos, head = route_pose(routes, s)
-        allow = cruise.copy()
-        for i in range(n):
-            if waiting[i] > 0:
-                waiting[i] -= 1
-                allow[i] = 0.0
-                if waiting[i] == 0:
-                    pending[i].pop(0)
-                continue
-            for lim_s, lim_v, wait in pending[i][:3]:
-                if lim_v == 0.0 and s[i] >= lim_s - 0.3 and v[i] < 0.6:
-                    waiting[i], allow[i] = wait, 0.0
-                    break
-                allow[i] = min(allow[i], np.sqrt(lim_v ** 2 + 2 * brake[i] * max(lim_s - s[i] - 0.3, 0.0)))
-            while pending[i] and pending[i][0][1] > 0 and s[i] > pending[i][0][0] + 1.0:
-                pending[i].pop(0)
+        # waiting at a stop: count down, then the stop is done
+        was_waiting = waiting > 0
+        waiting[was_waiting] -= 1
+        nxt[was_waiting & (waiting == 0)] += 1
+        ahead = table[rows[:, None], nxt[:, None] + np.arange(3)]  # (N, 3, 3): the next three limits
+        first_s, first_v, first_wait = ahead[:, 0, 0], ahead[:, 0, 1], ahead[:, 0, 2].astype(int)
+        arrive = ~was_waiting & (first_v == 0) & (s >= first_s - 0.3) & (v < 0.6)
+        waiting[arrive] = first_wait[arrive]
+        reach = np.sqrt(ahead[..., 1] ** 2 + 2 * brake[:, None] * np.clip(ahead[..., 0] - s[:, None] - 0.3, 0, None))
+        allow = np.minimum(cruise, np.nan_to_num(reach, posinf=np.inf).min(1))
+        allow[was_waiting | arrive] = 0.0
+        nxt[(first_v > 0) & np.isfinite(first_s) & (s > first_s + 1.0)] += 1  # speed limit passed
         # gap keeping: the nearest agent ahead within the lane width (vehicles also yield to pedestrians)
         rel = pos[None, :, :] - pos[:, None, :]  # (i, j, 2): j seen from i
         fwd = np.einsum("ijk,ik->ij", rel, head)
         lat = np.abs(rel[..., 0] * head[:, None, 1] - rel[..., 1] * head[:, None, 0])
-        ahead = (fwd > 0) & (lat < 1.6) & ~np.eye(n, dtype=bool) & ~(walker[:, None] & ~walker[None, :])
-        gap = np.where(ahead, fwd - half_len[:, None] - half_len[None, :], np.inf).min(1)
+        in_lane = (fwd > 0) & (lat < 1.6) & ~np.eye(n, dtype=bool) & ~(walker[:, None] & ~walker[None, :])
+        gap = np.where(in_lane, fwd - half_len[:, None] - half_len[None, :], np.inf).min(1)
         follow = np.sqrt(2 * brake * np.clip(gap - 2.0, 0, None))
         follow[:leader_ignores] = np.inf
-        target = np.minimum(allow, follow)
-        v = np.clip(target, np.maximum(v - 2 * brake * DT, 0.0), v + accel * DT)
+        v = np.clip(np.minimum(allow, follow), np.maximum(v - 2 * brake * DT, 0.0), v + accel * DT)
         s = np.minimum(s + v * DT, lengths)
     return out
 
