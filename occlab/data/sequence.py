@@ -78,6 +78,8 @@ def validate_labels(labels: np.ndarray, what: str, num_classes: int = len(CLASS_
         raise OcclabError(f"{what}: expected uint8 labels, got {labels.dtype}")
     if labels.ndim not in (3, 4):
         raise OcclabError(f"{what}: expected shape (T,X,Y,Z) or (X,Y,Z), got {labels.shape}")
+    if labels.size == 0 or labels.max() < num_classes:
+        return
     bad = (labels >= num_classes) & (labels != IGNORE)
     if bad.any():
         raise OcclabError(f"{what}: label values {sorted(set(np.unique(labels[bad]).tolist()))} are outside "

@@ -29,7 +29,7 @@ COMMAND_PROBS = (0.1, 0.4, 0.25, 0.25)  # static, forward, left, right
 DENSITY_GAP = (70.0, 35.0, 18.0)  # metres of lane per moving vehicle: light, medium, heavy
 PEDESTRIAN_GAP = (45.0, 22.0, 11.0)  # metres of sidewalk per pedestrian
 SPAWN_RADIUS = 100.0
-ROUTE_MARGIN = 40.0  # metres of route beyond the last frame: more than any braking distance
+ROUTE_MARGIN = 40.0  # metres of vehicle route beyond the last frame: more than any braking distance
 POLE = CLASS_ID["pole"]
 _SOURCES = ("__init__.py", "plan.py", "traffic.py", "raycast.py")
 TOWN_VERSION = hashlib.sha1(b"".join((Path(__file__).parent / f).read_bytes() for f in _SOURCES)
@@ -124,7 +124,8 @@ def _traffic(plan: TownPlan, ego: Agent, density: int, frames: int, seed: int) -
         else:
             size = VEHICLE_SIZES[arng.choice(len(VEHICLE_SIZES), p=VEHICLE_MIX)]
             cruise = arng.uniform(4.0, 12.0)
-        route = build_route(plan, road, sign, lateral, along, cruise * frames * DT + ROUTE_MARGIN, arng, walker)
+        route = build_route(plan, road, sign, lateral, along, cruise * frames * DT + (10.0 if walker else ROUTE_MARGIN),
+                            arng, walker)
         if not walker and np.linalg.norm(route.points[0] - ego_start) < 12.0:
             continue  # keep the ego's own spot free
         out.append(Agent(PEDESTRIAN if walker else VEHICLE, size, route, cruise,
