@@ -29,13 +29,13 @@ def _data_sample(args) -> int:
 
 
 def _data_verify(args) -> int:
-    from occlab.data.manifest import verify_main
+    from occlab.data.verify import verify_main
 
     return verify_main(args.name, args.root)
 
 
 def _data_describe(args) -> int:
-    from occlab.data.manifest import describe
+    from occlab.data.verify import describe
 
     info = describe(args.name, args.root, frames=args.frames)
     print(json.dumps(info, indent=None if args.json else 2))

@@ -86,7 +86,7 @@ def test_static_command_stays_put():
 
 def test_visibility_sanity(seq):
     geo = get_geometry("carlasc")
-    m, lab = seq.mask[0], seq.labels[0]
+    m = seq.mask[0]
     assert 0.3 < m.mean() < 0.95
     assert m[60:68, 60:68, 0].all(), "the road right around the ego is seen"
     # a solid wall hides what is behind it

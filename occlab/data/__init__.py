@@ -8,7 +8,6 @@ import importlib
 
 from occlab.data.geometry import GEOMETRIES, Geometry, get_geometry
 from occlab.data.sequence import BOX_FIELDS, COMMANDS, Sequence, load_sequence
-from occlab.data.windows import SequenceSource, WindowDataset, to_item
 from occlab.errors import OcclabError
 
 # dataset name -> "module:SourceClass"; each class takes (data_root, split, **options).
@@ -21,7 +20,7 @@ SOURCES: dict[str, str] = {
 
 
 def make_source(dataset: str = "synthetic_town", data_root: str | None = None, split: str = "train",
-                **options) -> SequenceSource:
+                **options) -> "SequenceSource":
     """The scenes of one split of a dataset (the synthetic town needs no data_root)."""
     if dataset not in SOURCES:
         raise OcclabError(f"unknown dataset {dataset!r}; expected one of {', '.join(SOURCES)}")
@@ -30,9 +29,20 @@ def make_source(dataset: str = "synthetic_town", data_root: str | None = None, s
 
 
 def make_dataset(dataset: str = "synthetic_town", data_root: str | None = None, split: str = "train",
-                 frames: int = 16, stride: int = 1, skip: int = 1, **options) -> WindowDataset:
+                 frames: int = 16, stride: int = 1, skip: int = 1, **options) -> "WindowDataset":
     """Sliding windows of `frames` frames over a dataset split."""
+    from occlab.data.windows import WindowDataset
+
     return WindowDataset(make_source(dataset, data_root, split, **options), frames, stride, skip)
+
+
+def __getattr__(name: str):
+    """The torch-backed names load torch only when first used (rendering and readers never need it)."""
+    if name in ("SequenceSource", "WindowDataset", "to_item"):
+        from occlab.data import windows
+
+        return getattr(windows, name)
+    raise AttributeError(f"module 'occlab.data' has no attribute {name!r}")
 
 
 __all__ = ["BOX_FIELDS", "COMMANDS", "GEOMETRIES", "Geometry", "Sequence", "SequenceSource", "WindowDataset",

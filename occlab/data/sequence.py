@@ -31,9 +31,10 @@ class Sequence:
     geometry: str = "carlasc"
     seed: int = -1
     density: int = -1  # index into DENSITIES
+    num_classes: int = len(CLASS_NAMES)  # labels lie in 0..num_classes-1 (raw reader modes have more)
 
     def __post_init__(self) -> None:
-        validate_labels(self.labels, "labels")
+        validate_labels(self.labels, "labels", self.num_classes)
         if self.mask.shape != self.labels.shape:
             raise OcclabError(f"mask shape {self.mask.shape} differs from labels shape {self.labels.shape}")
         if self.trajectory is None:
@@ -54,7 +55,7 @@ class Sequence:
         boxes[:, 0] = remap[boxes[:, 0].astype(int)]
         return Sequence(self.labels[index], self.mask[index], self.poses[index], self.command,
                         trajectory_from_poses(self.poses[index]), self.layout[index], boxes,
-                        self.geometry, self.seed, self.density)
+                        self.geometry, self.seed, self.density, self.num_classes)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write an occlab npz (compressed); the parent folder must be writable."""
@@ -66,7 +67,7 @@ class Sequence:
                     f, labels=self.labels, mask=self.mask, poses=self.poses, command=np.int64(self.command),
                     trajectory=self.trajectory, layout=self.layout, boxes=self.boxes,
                     geometry=np.str_(self.geometry), seed=np.int64(self.seed),
-                    density=np.int64(self.density))
+                    density=np.int64(self.density), num_classes=np.int64(self.num_classes))
         except OSError as e:
             raise OcclabError(f"cannot write {path}: {e.strerror or e}; choose a writable output path") from None
         return path
@@ -120,10 +121,8 @@ def load_sequence(path: str | os.PathLike) -> Sequence:
     if "labels" not in data:
         raise OcclabError(f"{path}: not an occlab npz: it has keys {sorted(data)}, expected at least 'labels'")
     labels = data["labels"]
-    try:
-        validate_labels(labels, str(path))
-    except OcclabError as e:
-        raise OcclabError(str(e)) from None
+    num_classes = int(data.get("num_classes", len(CLASS_NAMES)))
+    validate_labels(labels, str(path), num_classes)
     if labels.ndim == 3:
         labels = labels[None]
     mask = data.get("mask", np.ones(labels.shape, bool)).astype(bool).reshape(labels.shape)
@@ -131,4 +130,5 @@ def load_sequence(path: str | os.PathLike) -> Sequence:
     poses = data.get("poses", np.tile(np.eye(4), (t, 1, 1)))
     return Sequence(labels, mask, poses, int(data.get("command", 1)), data.get("trajectory"), data.get("layout"),
                     data.get("boxes", np.zeros((0, len(BOX_FIELDS)), np.float32)),
-                    str(data.get("geometry", "carlasc")), int(data.get("seed", -1)), int(data.get("density", -1)))
+                    str(data.get("geometry", "carlasc")), int(data.get("seed", -1)), int(data.get("density", -1)),
+                    num_classes)

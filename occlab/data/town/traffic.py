@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from occlab.classes import CLASS_ID
-from occlab.data.town.plan import LANE_WIDTH, Road, TownPlan, rng_for
+from occlab.data.town.plan import LANE_WIDTH, Road, TownPlan
 
 DT = 0.1  # 10 Hz
 STEP = 0.1  # polyline spacing, metres
