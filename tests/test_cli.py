@@ -57,3 +57,13 @@ def test_eval_recon_json(tmp_path, capsys):
 def test_eval_recon_names_a_missing_file(tmp_path):
     res = run("eval", "recon", "--pred", str(tmp_path / "none.npz"), "--gt", str(tmp_path / "none.npz"))
     assert res.returncode == 2 and "none.npz" in res.stderr
+
+
+def test_view_writes_a_png_and_rejects_a_non_occlab_file(tmp_path):
+    npz = tmp_path / "s.npz"
+    assert main(["data", "sample", "synthetic", "--frames", "2", "--out", str(npz)]) == 0
+    assert main(["view", str(npz), "--frame", "1", "--camera", "bev", "--out", str(tmp_path / "v.png")]) == 0
+    assert (tmp_path / "v.png").stat().st_size > 1000
+    np.savez(tmp_path / "other.npz", points=np.zeros(3))
+    res = run("view", str(tmp_path / "other.npz"), "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and "not an occlab npz" in res.stderr and "Traceback" not in res.stderr

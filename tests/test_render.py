@@ -240,3 +240,20 @@ def test_show_widget_rerenders():
     assert image.value != first
     menu.value = "oblique"
     assert image.value[:4] == b"\x89PNG"
+
+
+def test_real_occ3d_frame_maps_and_renders(tmp_path):
+    """The real Occ3D-nuScenes frame, mapped to occlab classes by its manifest, renders with its classes."""
+    from pathlib import Path
+
+    from occlab.data.manifest import class_table, load_manifest
+    from occlab.render.scene import render_frame
+
+    with np.load(Path(__file__).parent / "fixtures/occ3d_nuscenes/labels.npz") as z:
+        raw, camera = z["semantics"], z["mask_camera"].astype(bool)
+    lut, names = class_table(load_manifest("occ3d_nuscenes"))
+    labels = lut[raw].astype(np.uint8)
+    assert (labels == CLASS_ID["road"]).sum() == (raw == 11).sum()
+    img = render_frame(labels, "occ3d", camera="bev", out=tmp_path / "real.png", mask=camera, window_size=SIZE)
+    assert (tmp_path / "real.png").stat().st_size > 0 and img.std() > 20
+    assert near(img, PALETTE[ROAD]).mean() > 0.05 and near(img, PALETTE[CLASS_ID["vegetation"]]).any()
