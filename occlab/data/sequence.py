@@ -57,6 +57,16 @@ class Sequence:
                         trajectory_from_poses(self.poses[index]), self.layout[index], boxes,
                         self.geometry, self.seed, self.density, self.num_classes)
 
+    def crop(self, size: tuple[int, int, int]) -> "Sequence":
+        """The centred (X, Y, Z) crop around the ego (study presets train on crops); boxes stay in ego metres."""
+        if any(c > n for c, n in zip(size, self.labels.shape[1:])):
+            raise OcclabError(f"crop {tuple(size)} is larger than the grid {self.labels.shape[1:]}")
+        sl = tuple(slice((n - c) // 2, (n - c) // 2 + c) for c, n in zip(size, self.labels.shape[1:]))
+        labels, mask = self.labels[(slice(None), *sl)], self.mask[(slice(None), *sl)]
+        return Sequence(np.ascontiguousarray(labels), np.ascontiguousarray(mask), self.poses, self.command,
+                        self.trajectory, np.ascontiguousarray(self.layout[(slice(None), *sl[:2])]),
+                        self.boxes, self.geometry, self.seed, self.density, self.num_classes)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write an occlab npz (compressed); the parent folder must be writable."""
         path = Path(path)

@@ -32,12 +32,17 @@ class SequenceSource(Protocol):
 
 
 class WindowDataset(Dataset):
-    """Every window of `frames` frames, `skip` apart, starting every `stride` frames of every scene."""
+    """Every window of `frames` frames, `skip` apart, starting every `stride` frames of every scene.
 
-    def __init__(self, source: SequenceSource, frames: int, stride: int = 1, skip: int = 1):
+    `crop` (X, Y, Z) keeps the centred crop around the ego (the study presets' smaller grids).
+    """
+
+    def __init__(self, source: SequenceSource, frames: int, stride: int = 1, skip: int = 1,
+                 crop: tuple[int, int, int] | None = None):
         if frames < 1 or stride < 1 or skip < 1:
             raise OcclabError(f"frames, stride and skip must be >= 1, got {frames}, {stride}, {skip}")
         self.source, self.frames, self.stride, self.skip = source, frames, stride, skip
+        self.crop = tuple(crop) if crop is not None else None
         span = (frames - 1) * skip + 1
         self.index = [(s, start) for s in range(len(source))
                       for start in range(0, source.length(s) - span + 1, stride)]
@@ -52,7 +57,8 @@ class WindowDataset(Dataset):
     def window(self, i: int) -> Sequence:
         """Window i as a Sequence (numpy, with boxes)."""
         scene, start = self.index[i]
-        return self.source.load(scene, start + self.skip * np.arange(self.frames))
+        seq = self.source.load(scene, start + self.skip * np.arange(self.frames))
+        return seq.crop(self.crop) if self.crop else seq
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return to_item(self.window(i))

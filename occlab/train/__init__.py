@@ -1,0 +1,1 @@
+"""Training: the shared trainer, losses, checkpoints and the run cache."""

@@ -1,0 +1,77 @@
+"""Losses shared by every occupancy VAE: class-weighted cross-entropy, Lovász-softmax, KL, VQ terms."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from occlab.classes import IGNORE
+
+
+def class_weights(counts: torch.Tensor, power: float = 1 / 3) -> torch.Tensor:
+    """DynamicCity's cross-entropy weights: (max_freq / freq) ** (1/3); unseen classes get the largest weight."""
+    freq = counts.double() / counts.sum().clamp(min=1)
+    seen = freq > 0
+    weights = torch.ones_like(freq)
+    weights[seen] = (freq.max() / freq[seen]) ** power
+    weights[~seen] = weights[seen].max() if seen.any() else 1.0
+    return weights.float()
+
+
+def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """Lovász-softmax (Berman et al. 2018) over the classes present in `labels`, all classes in one sort.
+
+    probs: (N, C) softmax probabilities; labels: (N,) int. No host synchronisation: absent classes are
+    masked out of the mean instead of being skipped in Python.
+    """
+    valid = labels != ignore_index
+    probs, labels = probs[valid], labels[valid]
+    num_classes = probs.shape[1]
+    fg = F.one_hot(labels.long(), num_classes).to(probs.dtype)  # (N, C)
+    errors = (fg - probs).abs()
+    errors_sorted, order = torch.sort(errors, dim=0, descending=True)  # (N, C) each column sorted
+    fg_sorted = torch.gather(fg, 0, order)
+    gts = fg_sorted.sum(0, keepdim=True)  # (1, C)
+    intersection = gts - fg_sorted.cumsum(0)
+    union = gts + (1 - fg_sorted).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], 0)  # Lovász extension gradient
+    per_class = (errors_sorted * grad).sum(0)  # (C,)
+    present = (gts[0] > 0).to(probs.dtype)
+    return (per_class * present).sum() / present.sum().clamp(min=1)
+
+
+def kl_divergence(mu: list[torch.Tensor], logvar: list[torch.Tensor]) -> torch.Tensor:
+    """KL to a unit Gaussian, averaged over every latent float of every plane."""
+    total = sum((-0.5 * (1 + lv - m.pow(2) - lv.exp())).sum() for m, lv in zip(mu, logvar))
+    return total / sum(m.numel() for m in mu)
+
+
+class OccupancyLoss(nn.Module):
+    """CE (class-weighted) + Lovász-softmax on the logits, + KL for Gaussian latents, + VQ terms if present."""
+
+    def __init__(self, weights: torch.Tensor | None = None, ce: float = 1.0, lovasz: float = 1.0,
+                 kl: float = 0.005, ignore_index: int = IGNORE):
+        super().__init__()
+        self.register_buffer("weights", weights if weights is not None else torch.empty(0), persistent=False)
+        self.ce, self.lovasz, self.kl, self.ignore_index = ce, lovasz, kl, ignore_index
+
+    def forward(self, out: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """out: the model's dict (logits (B, C, ...), optional mu/logvar dicts, optional vq_loss)."""
+        logits = out["logits"].float()
+        target = labels.long()
+        parts = {"ce": F.cross_entropy(logits, target, weight=self.weights if self.weights.numel() else None,
+                                       ignore_index=self.ignore_index)}
+        if self.lovasz:
+            flat = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+            parts["lovasz"] = lovasz_softmax(flat.softmax(-1), target.reshape(-1), self.ignore_index)
+        loss = self.ce * parts["ce"] + self.lovasz * parts.get("lovasz", 0.0)
+        if out.get("mu") is not None and self.kl:
+            mu, logvar = out["mu"], out["logvar"]
+            parts["kl"] = kl_divergence(list(mu.values()), list(logvar.values()))
+            loss = loss + self.kl * parts["kl"]
+        if out.get("vq_loss") is not None:
+            parts["vq"] = out["vq_loss"]
+            loss = loss + parts["vq"]
+        parts["loss"] = loss
+        return parts

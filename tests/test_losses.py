@@ -1,0 +1,59 @@
+"""Losses: hand-computed Lovász-softmax, DynamicCity class weights, KL, the combined occupancy loss."""
+import pytest
+import torch
+
+from occlab.train.losses import OccupancyLoss, class_weights, kl_divergence, lovasz_softmax
+
+
+def test_lovasz_by_hand():
+    # labels [0, 1]; class-1 probabilities [0.3, 0.6].
+    # class 1: errors |fg - p| = [0.3, 0.4] -> sorted [0.4 (fg 1), 0.3 (fg 0)], Jaccard [1, 1], grad [1, 0] -> 0.4
+    # class 0: errors [0.3, 0.4] -> sorted [0.4 (fg 0), 0.3 (fg 1)], Jaccard [0.5, 1], grad [0.5, 0.5] -> 0.35
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    assert lovasz_softmax(probs, torch.tensor([0, 1])).item() == pytest.approx(0.375)
+
+
+def test_lovasz_perfect_is_zero_and_absent_classes_do_not_count():
+    labels = torch.tensor([0, 2, 2, 0])
+    perfect = torch.nn.functional.one_hot(labels, 4).float()
+    assert lovasz_softmax(perfect, labels).item() == pytest.approx(0.0)
+    # a predicted-but-absent class (1) is left out: the mean runs over classes {0, 2} (reference loop)
+    probs = torch.tensor([[0.6, 0.3, 0.1, 0.0], [0.1, 0.1, 0.8, 0.0], [0.2, 0.0, 0.8, 0.0], [0.9, 0.0, 0.1, 0.0]])
+    losses = []
+    for c in (0, 2):
+        fg = (labels == c).float()
+        errors, order = (fg - probs[:, c]).abs().sort(descending=True)
+        fg = fg[order]
+        jaccard = 1 - (fg.sum() - fg.cumsum(0)) / (fg.sum() + (1 - fg).cumsum(0))
+        losses.append((errors * torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])).sum())
+    assert lovasz_softmax(probs, labels).item() == pytest.approx(torch.stack(losses).mean().item(), abs=1e-6)
+
+
+def test_lovasz_ignores_255():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.0, 1.0]])
+    assert lovasz_softmax(probs, torch.tensor([0, 1, 255])).item() == pytest.approx(0.375)
+
+
+def test_class_weights_cube_root():
+    w = class_weights(torch.tensor([1000, 10, 1, 0]))
+    assert torch.allclose(w, torch.tensor([1.0, 100 ** (1 / 3), 10.0, 10.0]), atol=1e-5)
+
+
+def test_kl_zero_at_prior_and_known_value():
+    zero = torch.zeros(2, 3)
+    assert kl_divergence([zero], [zero]).item() == 0.0
+    mu, logvar = torch.ones(1, 2), torch.zeros(1, 2)
+    assert kl_divergence([mu], [logvar]).item() == pytest.approx(0.5)  # 0.5 * mu^2 per float
+
+
+def test_occupancy_loss_parts_and_gradients():
+    logits = torch.randn(1, 3, 2, 4, 4, 2, requires_grad=True)
+    labels = torch.randint(0, 3, (1, 2, 4, 4, 2))
+    mu = {"xy": torch.randn(1, 2, 4, 4, requires_grad=True)}
+    logvar = {"xy": torch.zeros(1, 2, 4, 4, requires_grad=True)}
+    parts = OccupancyLoss(torch.ones(3), kl=0.005)({"logits": logits, "mu": mu, "logvar": logvar}, labels)
+    assert set(parts) == {"ce", "lovasz", "kl", "loss"}
+    expected = parts["ce"] + parts["lovasz"] + 0.005 * parts["kl"]
+    assert parts["loss"].item() == pytest.approx(expected.item())
+    parts["loss"].backward()
+    assert logits.grad.abs().sum() > 0 and mu["xy"].grad.abs().sum() > 0
