@@ -78,6 +78,73 @@ def _eval_recon(args) -> int:
     return 0
 
 
+def _parse_rates(text: str) -> tuple[int, ...]:
+    try:
+        rates = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected four integers like 2,2,2,2, got {text!r}") from None
+    if len(rates) != 4 or any(r not in (1, 2, 4) for r in rates):
+        raise argparse.ArgumentTypeError(f"expected four rates dT,dX,dY,dZ each in 1, 2, 4, got {text!r}")
+    return rates
+
+
+def _train_vae(args) -> int:
+    from occlab.studies.vae import dynamiccity_setup
+    from occlab.train.runs import model_spec, run_key, runs_dir
+    from occlab.train.trainer import train
+
+    if args.model != "dynamiccity":
+        raise OcclabError(f"model {args.model!r} is not available yet; expected dynamiccity")
+    model_kw = {k: v for k, v in (("rates", args.rates), ("encoder", args.encoder), ("decoder", args.decoder),
+                                  ("expansion", args.expansion)) if v is not None}
+    cfg, data, train_cfg = dynamiccity_setup(args.preset, args.dataset, args.data_root, args.device, args.seed,
+                                             geometry=args.geometry, **model_kw)
+    for key in ("steps", "precision", "kl_weight", "batch_size", "threads", "lr"):
+        if getattr(args, key) is not None:
+            setattr(train_cfg, key, getattr(args, key))
+    if args.frames is not None:
+        cfg.frames = data.frames = args.frames
+    from occlab.train.runs import build_model
+
+    spec = model_spec(args.model, cfg)
+    out = args.out or runs_dir() / run_key(spec, data, train_cfg)
+    result = train(build_model(args.model, spec["config"]), spec, data, train_cfg, out, num_classes=cfg.num_classes)
+    print(json.dumps({"out": str(result.out_dir), "miou": result.miou, "iou": result.metrics["val"]["iou"],
+                      "s_per_iter": result.metrics["s_per_iter"], "peak_mem_gib": result.metrics["peak_mem_gib"]}))
+    return 0
+
+
+def _eval_vae(args) -> int:
+    from occlab.data import make_dataset
+    from occlab.train import checkpoint
+    from occlab.train.config import DataConfig, from_dict
+    from occlab.train.runs import build_model
+    from occlab.train.trainer import evaluate
+
+    state = checkpoint.load(args.ckpt)
+    info = state["model_info"]
+    model = build_model(info["name"], info["config"])
+    model.load_state_dict(state["model"])
+    data = from_dict(DataConfig, state["data"])
+    dataset = make_dataset(data.dataset, data.data_root, args.split, **data.source_options(args.split))
+    metrics = evaluate(model, dataset, args.device, info["config"]["num_classes"]).to_dict()
+    out = {"miou": metrics["miou"], "iou": metrics["iou"], "per_class": metrics["per_class"],
+           "split": args.split, "windows": len(dataset)}
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    return 0
+
+
+def _model_info(args) -> int:
+    from occlab.data import get_geometry
+    from occlab.models import dynamiccity_info, dynamiccity_paper
+
+    grid = get_geometry(args.geometry).grid
+    num_classes = 12 if args.geometry == "occ3d" else 11
+    info = dynamiccity_info(dynamiccity_paper(grid, args.frames, rates=args.rates, num_classes=num_classes))
+    print(json.dumps(info) if args.json else json.dumps(info, indent=2))
+    return 0
+
+
 def build_parser() -> Parser:
     """The whole command tree."""
     p = Parser(prog="occlab", description="4D semantic-occupancy study kit: data, viewing, reproduction.")
@@ -130,6 +197,40 @@ def build_parser() -> Parser:
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_reproduce)
 
+    tr = sub.add_parser("train", help="train a model (runs resume from their checkpoint)")
+    tsub = tr.add_subparsers(dest="train_command", required=True, parser_class=Parser)
+    tv = tsub.add_parser("vae", help="train an occupancy VAE with the shared trainer")
+    tv.add_argument("--model", default="dynamiccity")
+    tv.add_argument("--preset", choices=PRESETS, default="smoke")
+    tv.add_argument("--dataset", default="synthetic_town")
+    tv.add_argument("--data-root", default=None)
+    tv.add_argument("--geometry", choices=["carlasc", "occ3d"], default="carlasc")
+    tv.add_argument("--out", default=None, help="run folder (default: the run cache)")
+    tv.add_argument("--device", default="cpu")
+    tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--frames", type=int, default=None)
+    tv.add_argument("--rates", type=_parse_rates, default=None, help="dT,dX,dY,dZ each in 1,2,4")
+    tv.add_argument("--encoder", choices=["projection", "avgpool"], default=None)
+    tv.add_argument("--decoder", choices=["ess", "query"], default=None)
+    tv.add_argument("--expansion", choices=["hadamard", "sum"], default=None)
+    tv.add_argument("--steps", type=int, default=None)
+    tv.add_argument("--batch-size", type=int, default=None)
+    tv.add_argument("--lr", type=float, default=None)
+    tv.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    tv.add_argument("--kl-weight", type=float, default=None)
+    tv.add_argument("--threads", type=int, default=None)
+    tv.set_defaults(func=_train_vae)
+
+    mi = sub.add_parser("model", help="model facts")
+    msub = mi.add_subparsers(dest="model_command", required=True, parser_class=Parser)
+    info = msub.add_parser("info", help="parameters, plane shapes and compression ratio")
+    info.add_argument("name", choices=["dynamiccity"])
+    info.add_argument("--geometry", choices=["carlasc", "occ3d"], default="carlasc")
+    info.add_argument("--frames", type=int, default=16)
+    info.add_argument("--rates", type=_parse_rates, default=(2, 2, 2, 2))
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_model_info)
+
     ev = sub.add_parser("eval", help="evaluate predictions")
     esub = ev.add_subparsers(dest="eval_command", required=True, parser_class=Parser)
     er = esub.add_parser("recon", help="mIoU, IoU and per-class IoU of predicted labels")
@@ -138,6 +239,12 @@ def build_parser() -> Parser:
     er.add_argument("--mask", default=None)
     er.add_argument("--json", action="store_true")
     er.set_defaults(func=_eval_recon)
+    evv = esub.add_parser("vae", help="reconstruction metrics of a trained VAE checkpoint")
+    evv.add_argument("--ckpt", required=True)
+    evv.add_argument("--split", choices=["train", "val", "test"], default="val")
+    evv.add_argument("--device", default="cpu")
+    evv.add_argument("--json", action="store_true")
+    evv.set_defaults(func=_eval_vae)
     return p
 
 

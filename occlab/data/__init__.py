@@ -5,10 +5,14 @@ Every model and notebook takes `dataset=` and `data_root=`; `make_dataset` does 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from occlab.data.geometry import GEOMETRIES, Geometry, get_geometry
 from occlab.data.sequence import BOX_FIELDS, COMMANDS, Sequence, load_sequence
 from occlab.errors import OcclabError
+
+if TYPE_CHECKING:
+    from occlab.data.windows import SequenceSource, WindowDataset
 
 # dataset name -> "module:SourceClass"; each class takes (data_root, split, **options).
 SOURCES: dict[str, str] = {

@@ -28,6 +28,14 @@ class Geometry:
         n, v, lo = self.grid[axis], self.voxel_size[axis], self.min_bound[axis]
         return lo + (np.arange(n) + 0.5) * v
 
+    def crop(self, shape: tuple[int, int, int]) -> "Geometry":
+        """The centred crop in x and y, bottom layers in z (what `Sequence.crop` keeps)."""
+        if tuple(shape) == self.grid:
+            return self
+        vx, vy, _ = self.voxel_size
+        return Geometry(f"{self.name}-crop", tuple(int(s) for s in shape), self.voxel_size,
+                        (-shape[0] * vx / 2, -shape[1] * vy / 2, self.min_bound[2]), self.ground_z, self.sensor_z)
+
     def heights(self) -> np.ndarray:
         """Height above the road surface of each z layer's centre, in metres."""
         return self.centers(2) - self.ground_z

@@ -33,11 +33,7 @@ def resolve_geometry(geometry: Geometry | str | None, shape: tuple[int, int, int
             geometry = get_geometry(geometry)
         except ValueError as e:
             raise OcclabError(str(e)) from None
-    if geometry.grid == tuple(shape):
-        return geometry
-    (vx, vy, _), z0 = geometry.voxel_size, geometry.min_bound[2]
-    return Geometry(f"{geometry.name}-crop", tuple(int(s) for s in shape), geometry.voxel_size,
-                    (-shape[0] * vx / 2, -shape[1] * vy / 2, z0), geometry.ground_z)
+    return geometry.crop(tuple(shape))
 
 
 def as_frames(data: Sequence | np.ndarray, geometry: Geometry | str | None = None,

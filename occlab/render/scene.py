@@ -17,6 +17,11 @@ import numpy as np
 if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # off-screen without X
 
+if importlib.util.find_spec("triton") is not None:
+    # torch may load triton lazily; its bundled LLVM crashes in its static initialisers if Mesa's llvmpipe
+    # LLVM (loaded by VTK's first render) is already in the process. Loading triton first avoids the clash.
+    import triton  # noqa: E402, F401
+
 import pyvista as pv  # noqa: E402
 
 from occlab.classes import CLASS_NAMES, FREE, IGNORE, PALETTE  # noqa: E402

@@ -1,0 +1,1 @@
+"""Studies: the experiment grids behind the notebooks (presets, variants x seeds, summaries)."""

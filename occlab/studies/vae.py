@@ -1,0 +1,140 @@
+"""VAE studies behind the notebooks: preset sizes, grids of variants x seeds through the run cache, summaries.
+
+The notebooks stay thin: they pick a preset and a list of variants, call `run_grid`, and show the table that
+`summarize` and `occlab.report.tables.beside` make. Every row carries the id of the run that produced it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from occlab.errors import OcclabError
+from occlab.train.config import DataConfig, TrainConfig
+
+PRESETS = ("smoke", "study", "paper")
+
+
+@dataclass(frozen=True)
+class PresetSize:
+    """What a preset scales: the crop, frames, model widths, steps and the data it sees."""
+
+    crop: tuple[int, int, int] | None
+    frames: int
+    widths: str  # a DynamicCity size preset: tiny | small | paper
+    steps: int
+    train_sequences: int
+    val_sequences: int
+    seeds: tuple[int, ...]
+    lr: float = 1e-3
+    precision: str = "fp32"
+    note: str = ""
+
+
+SIZES = {
+    "smoke": PresetSize((16, 16, 8), 4, "tiny", 12, 4, 2, (0,),
+                        note="plumbing only: 16x16x8 crop, 4 frames, tiny widths, 12 steps"),
+    "study": PresetSize((32, 32, 8), 8, "small", 300, 48, 8, (0, 1),
+                        note="32x32x8 crop of the 128x128x8 grid (1/16 of the area), 8 of 16 frames, "
+                             "quarter widths (C 8, query 32, decoder 64/16), 300 Adam steps, 2 seeds"),
+    "paper": PresetSize(None, 16, "paper", 60_000, 10_000, 400, (0,), precision="fp16",
+                        note="the released configuration: 128x128x8, 16 frames, released widths, batch 1"),
+}
+
+
+def preset_size(preset: str) -> PresetSize:
+    if preset not in SIZES:
+        raise OcclabError(f"unknown preset {preset!r}; expected one of {', '.join(SIZES)}")
+    return SIZES[preset]
+
+
+def dynamiccity_setup(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
+                      device: str = "cpu", seed: int = 0, geometry: str = "carlasc", **model_kw):
+    """(DynamicCityConfig, DataConfig, TrainConfig) of DynamicCity at a preset; model_kw override the config."""
+    from occlab.data import get_geometry
+    from occlab.models import DYNAMICCITY_PRESETS
+
+    size = preset_size(preset)
+    grid = size.crop or get_geometry(geometry).grid
+    num_classes = 12 if dataset in ("occ3d_nuscenes", "occ3d_waymo") else 11
+    model = DYNAMICCITY_PRESETS[size.widths](grid, size.frames, num_classes=num_classes, **model_kw)
+    data = DataConfig(dataset, data_root, geometry, size.frames, size.crop, size.train_sequences,
+                      size.val_sequences)
+    precision = size.precision if device.startswith("cuda") else "fp32"
+    train = TrainConfig(steps=size.steps, lr=size.lr, precision=precision, seed=seed, device=device,
+                        ckpt_every=max(size.steps // 4, 10))
+    return model, data, train
+
+
+def run_grid(variants: list[dict], preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
+             device: str = "cpu", seeds: tuple[int, ...] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Train (or reuse) DynamicCity for every variant x seed; one row per run with its metrics and cost."""
+    from occlab.models import dynamiccity_info
+    from occlab.train.runs import train_or_load
+
+    rows = []
+    for variant in variants:
+        for seed in seeds if seeds is not None else preset_size(preset).seeds:
+            model, data, train = dynamiccity_setup(preset, dataset, data_root, device, seed, **variant)
+            run = train_or_load("dynamiccity", model, data, train, progress=progress)
+            m = run.metrics
+            rows.append({**{k: _show(v) for k, v in variant.items()}, "seed": seed, "miou": m["val"]["miou"],
+                         "iou": m["val"]["iou"], "s_per_iter": m["s_per_iter"], "peak_mem_gib": m["peak_mem_gib"],
+                         "params": m["params"], "cr": dynamiccity_info(model)["compression_ratio"],
+                         "run_id": run.id})
+    return pd.DataFrame(rows)
+
+
+def summarize(df: pd.DataFrame, keys: list[str], metrics=("miou", "iou", "s_per_iter", "peak_mem_gib")) -> pd.DataFrame:
+    """Mean and seed-to-seed spread (std; 0 with one seed) of each metric per variant, with the run ids."""
+    agg = {f"{m}": (m, "mean") for m in metrics}
+    agg.update({f"{m}_std": (m, lambda s: float(np.std(s, ddof=1)) if len(s) > 1 else 0.0) for m in ("miou",)})
+    agg["seeds"] = ("seed", "count")
+    agg["run_ids"] = ("run_id", lambda s: " ".join(s))
+    return df.groupby(keys, sort=False).agg(**agg).reset_index()
+
+
+def mean_scene_baseline(data: DataConfig, num_classes: int = 11) -> dict:
+    """The trivial baseline (DESIGN §4): the most frequent training class per position, scored on val."""
+    from occlab.data import make_dataset
+    from occlab.metrics.recon import ConfusionMatrix, mean_scene_baseline as fit
+
+    train_set = make_dataset(data.dataset, data.data_root, "train", **data.source_options("train"))
+    val_set = make_dataset(data.dataset, data.data_root, "val", **data.source_options("val"))
+    scene = torch.as_tensor(fit((train_set[i]["labels"] for i in range(len(train_set))), num_classes))
+    cm = ConfusionMatrix(num_classes)
+    for i in range(len(val_set)):
+        item = val_set[i]
+        cm.update(scene.expand_as(item["labels"]), item["labels"], item["mask"])
+    m = cm.compute()
+    return {"miou": m.miou, "iou": m.iou}
+
+
+@torch.no_grad()
+def reconstruct(run_id: str, index: int = 0, split: str = "val"):
+    """(ground truth, reconstruction, mask) numpy arrays (T, X, Y, Z) of one window by a cached run."""
+    from occlab.data import make_dataset
+    from occlab.train import checkpoint
+    from occlab.train.config import from_dict
+    from occlab.train.runs import build_model, find_run
+
+    run = find_run(run_id)
+    state = checkpoint.load(run.path / "checkpoint.pt")
+    model = build_model(state["model_info"]["name"], state["model_info"]["config"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    data = from_dict(DataConfig, state["data"])
+    item = make_dataset(data.dataset, data.data_root, split, **data.source_options(split))[index]
+    pred = model(item["labels"][None].long())["logits"].argmax(1)[0]
+    return item["labels"].numpy(), pred.to(torch.uint8).numpy(), item["mask"].numpy()
+
+
+def _show(value):
+    """Tuples (rates) as "2,2,2,2" so tables and joins stay readable."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+
+
+__all__ = ["PRESETS", "SIZES", "dynamiccity_setup", "mean_scene_baseline", "preset_size", "reconstruct",
+           "run_grid", "summarize"]
