@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from occlab.cli import main
+from occlab.errors import OcclabError
 from occlab.models import DynamicCity, dynamiccity_tiny
 from occlab.train import checkpoint
 from occlab.train.config import DataConfig, TrainConfig
@@ -113,14 +114,23 @@ def test_two_process_gloo_ddp(tmp_path):
 
 def test_run_cache_trains_once(tmp_path):
     cfg, data, tc = setup(steps=3)
-    first = train_or_load("dynamiccity", cfg, data, tc, root=tmp_path, progress=False)
+    first = train_or_load("dynamiccity", cfg, data, tc, root=tmp_path, progress=False)  # in a child process
+    assert first.metrics["steps"] == 3 and first.metrics["peak_mem_gib"] > 0
     stamp = (first.path / "metrics.json").stat().st_mtime_ns
     again = train_or_load("dynamiccity", cfg, data, tc, root=tmp_path, progress=False)
     assert again.id == first.id and (again.path / "metrics.json").stat().st_mtime_ns == stamp
     tc.device, tc.threads = "cpu", 1  # not part of the key
     assert train_or_load("dynamiccity", cfg, data, tc, root=tmp_path, progress=False).id == first.id
     tc.lr = 2e-3
-    assert train_or_load("dynamiccity", cfg, data, tc, root=tmp_path, progress=False).id != first.id
+    other = train_or_load("dynamiccity", cfg, data, tc, root=tmp_path, progress=False, isolate=False)
+    assert other.id != first.id and other.finished
+
+
+def test_a_failing_isolated_run_reports_its_error(tmp_path):
+    cfg, data, tc = setup(steps=2)
+    data.frames = 200  # longer than any town sequence: the child stops with a clear error
+    with pytest.raises(OcclabError, match="failed"):
+        train_or_load("dynamiccity", cfg, data, tc, root=tmp_path, progress=False)
 
 
 def test_eval_vae_from_the_command_line(tmp_path, capsys):

@@ -34,11 +34,11 @@ def make_source(dataset: str = "synthetic_town", data_root: str | None = None, s
 
 def make_dataset(dataset: str = "synthetic_town", data_root: str | None = None, split: str = "train",
                  frames: int = 16, stride: int = 1, skip: int = 1, crop: tuple[int, int, int] | None = None,
-                 **options) -> "WindowDataset":
+                 crop_mode: str = "center", **options) -> "WindowDataset":
     """Sliding windows of `frames` frames over a dataset split."""
     from occlab.data.windows import WindowDataset
 
-    return WindowDataset(make_source(dataset, data_root, split, **options), frames, stride, skip, crop)
+    return WindowDataset(make_source(dataset, data_root, split, **options), frames, stride, skip, crop, crop_mode)
 
 
 def __getattr__(name: str):

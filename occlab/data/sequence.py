@@ -57,13 +57,14 @@ class Sequence:
                         trajectory_from_poses(self.poses[index]), self.layout[index], boxes,
                         self.geometry, self.seed, self.density, self.num_classes)
 
-    def crop(self, size: tuple[int, int, int]) -> "Sequence":
-        """The (X, Y, Z) crop centred on the ego in x and y, bottom layers in z (the study presets' grids,
-        see Geometry.crop); boxes stay in ego metres."""
+    def crop(self, size: tuple[int, int, int], offset: tuple[int, int] | None = None) -> "Sequence":
+        """An (X, Y, Z) crop: centred on the ego in x and y unless `offset` (its corner) is given, bottom layers
+        in z (see Geometry.crop); boxes stay in ego metres."""
         if any(c > n for c, n in zip(size, self.labels.shape[1:])):
             raise OcclabError(f"crop {tuple(size)} is larger than the grid {self.labels.shape[1:]}")
         (cx, cy, cz), (nx, ny, _) = size, self.labels.shape[1:]
-        sl = (slice((nx - cx) // 2, (nx - cx) // 2 + cx), slice((ny - cy) // 2, (ny - cy) // 2 + cy), slice(0, cz))
+        ox, oy = offset if offset is not None else ((nx - cx) // 2, (ny - cy) // 2)
+        sl = (slice(ox, ox + cx), slice(oy, oy + cy), slice(0, cz))
         labels, mask = self.labels[(slice(None), *sl)], self.mask[(slice(None), *sl)]
         return Sequence(np.ascontiguousarray(labels), np.ascontiguousarray(mask), self.poses, self.command,
                         self.trajectory, np.ascontiguousarray(self.layout[(slice(None), *sl[:2])]),

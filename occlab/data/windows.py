@@ -34,15 +34,19 @@ class SequenceSource(Protocol):
 class WindowDataset(Dataset):
     """Every window of `frames` frames, `skip` apart, starting every `stride` frames of every scene.
 
-    `crop` (X, Y, Z) keeps the centred crop around the ego (the study presets' smaller grids).
+    `crop` (X, Y, Z) keeps a smaller grid (the study presets'): centred on the ego (`crop_mode="center"`), or at
+    a fixed window-specific place anywhere in the grid (`"spread"`), so that small crops still see buildings,
+    vehicles and the rest of the town rather than mostly the road under the ego.
     """
 
     def __init__(self, source: SequenceSource, frames: int, stride: int = 1, skip: int = 1,
-                 crop: tuple[int, int, int] | None = None):
+                 crop: tuple[int, int, int] | None = None, crop_mode: str = "center"):
         if frames < 1 or stride < 1 or skip < 1:
             raise OcclabError(f"frames, stride and skip must be >= 1, got {frames}, {stride}, {skip}")
         self.source, self.frames, self.stride, self.skip = source, frames, stride, skip
-        self.crop = tuple(crop) if crop is not None else None
+        if crop_mode not in ("center", "spread"):
+            raise OcclabError(f"crop_mode must be 'center' or 'spread', got {crop_mode!r}")
+        self.crop, self.crop_mode = (tuple(crop) if crop is not None else None), crop_mode
         span = (frames - 1) * skip + 1
         self.index = [(s, start) for s in range(len(source))
                       for start in range(0, source.length(s) - span + 1, stride)]
@@ -58,7 +62,13 @@ class WindowDataset(Dataset):
         """Window i as a Sequence (numpy, with boxes)."""
         scene, start = self.index[i]
         seq = self.source.load(scene, start + self.skip * np.arange(self.frames))
-        return seq.crop(self.crop) if self.crop else seq
+        if not self.crop:
+            return seq
+        offset = None
+        if self.crop_mode == "spread":  # a fixed, window-specific place anywhere in the grid
+            rng = np.random.default_rng([scene, start, 7])
+            offset = tuple(int(rng.integers(0, n - c + 1)) for n, c in zip(seq.labels.shape[1:3], self.crop[:2]))
+        return seq.crop(self.crop, offset)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return to_item(self.window(i))

@@ -231,6 +231,33 @@ def render_frame(labels: np.ndarray | Sequence, geometry: Geometry | str | None 
     return img
 
 
+def render_side_by_side(frames: Seq[np.ndarray], titles: Seq[str], geometry: Geometry | str | None = None,
+                        camera: str = "oblique", out: str | os.PathLike | None = None,
+                        window_size: tuple[int, int] = (640, 480), masks: Seq[np.ndarray | None] | None = None
+                        ) -> np.ndarray:
+    """Frames (X,Y,Z) rendered with the same camera and one shared legend, side by side, titled; PNG if `out`."""
+    path = _output_path(out, IMAGE_SUFFIXES) if out is not None else None
+    masks = list(masks) if masks is not None else [None] * len(frames)
+    legend = present_classes(np.stack([np.asarray(f) for f in frames]))
+    plotter = pv.Plotter(off_screen=True, window_size=[window_size[0] * len(frames), window_size[1]],
+                         shape=(1, len(frames)), lighting="three lights")
+    try:
+        for i, (labels, title) in enumerate(zip(frames, titles)):
+            plotter.subplot(0, i)
+            plotter.set_background(BACKGROUND)
+            plot_frame(plotter, labels, geometry, camera, legend if i == len(frames) - 1 else False, masks[i],
+                       render=False)
+            plotter.add_text(title, position="upper_left", font_size=12, color="black")
+        img = np.asarray(plotter.screenshot(return_img=True))[..., :3].copy()
+    finally:
+        plotter.close()
+    if path is not None:
+        import imageio.v3 as iio
+
+        iio.imwrite(path, img)
+    return img
+
+
 def render_sequence(data: Sequence | np.ndarray, geometry: Geometry | str | None = None,
                     out: str | os.PathLike = "sequence.gif", camera: str = "oblique", fps: float = 10,
                     window_size: tuple[int, int] = (640, 480), mask: np.ndarray | bool | None = None,

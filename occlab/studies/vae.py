@@ -60,8 +60,8 @@ def dynamiccity_setup(preset: str, dataset: str = "synthetic_town", data_root: s
     grid = size.crop or get_geometry(geometry).grid
     num_classes = 12 if dataset in ("occ3d_nuscenes", "occ3d_waymo") else 11
     model = DYNAMICCITY_PRESETS[size.widths](grid, size.frames, num_classes=num_classes, **model_kw)
-    data = DataConfig(dataset, data_root, geometry, size.frames, size.crop, size.train_sequences,
-                      size.val_sequences)
+    data = DataConfig(dataset, data_root, geometry, size.frames, size.crop, "spread" if size.crop else "center",
+                      size.train_sequences, size.val_sequences)
     precision = size.precision if device.startswith("cuda") else "fp32"
     train = TrainConfig(steps=size.steps, lr=size.lr, precision=precision, seed=seed, device=device,
                         ckpt_every=max(size.steps // 4, 10))
@@ -138,3 +138,51 @@ def _show(value):
 
 __all__ = ["PRESETS", "SIZES", "dynamiccity_setup", "mean_scene_baseline", "preset_size", "reconstruct",
            "run_grid", "summarize"]
+
+
+# ------------------------------------------------------------------------------ DynamicCity Tab. 3 and Tab. 4
+STRUCTURES = [{"encoder": e, "decoder": d} for e in ("avgpool", "projection") for d in ("query", "ess")]
+RATES = [(1, 1, 1, 1), (1, 2, 2, 1), (2, 2, 2, 2), (2, 4, 4, 2)]
+PAPER_ENCODER = {"avgpool": "average_pooling", "projection": "projection"}
+
+
+def vae_structure(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
+                  device: str = "cpu", seeds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """DynamicCity Tab. 3: encoder x decoder -> mIoU, s/iter, peak memory; (runs, table with the paper's)."""
+    from occlab.report.tables import beside, paper_table
+
+    runs = run_grid(STRUCTURES, preset, dataset, data_root, device, seeds)
+    table = summarize(runs, ["encoder", "decoder"])
+    table["encoder"] = table["encoder"].map(PAPER_ENCODER)
+    paper = paper_table("dynamiccity_t3_vae_structure")
+    table = beside(table, paper, ["encoder", "decoder"], {"carlasc_miou": "CarlaSC mIoU (%)",
+                                                          "carlasc_s_per_iter": "CarlaSC s/iter (GPU)",
+                                                          "carlasc_vram_gb": "CarlaSC VRAM (GB)"})
+    return runs, table
+
+
+def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
+                 device: str = "cpu", seeds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """DynamicCity Tab. 4: the four rate settings -> C.R. (ours and at the paper's CarlaSC size), mIoU, cost."""
+    from occlab.models import dynamiccity_info, dynamiccity_paper
+    from occlab.report.tables import beside, paper_table
+
+    runs = run_grid([{"rates": r} for r in RATES], preset, dataset, data_root, device, seeds)
+    table = summarize(runs, ["rates"], metrics=("miou", "iou", "cr", "s_per_iter", "peak_mem_gib"))
+    table["cr_carlasc_t16"] = [dynamiccity_info(dynamiccity_paper(rates=tuple(map(int, r.split(",")))))
+                               ["compression_ratio"] for r in table["rates"]]
+    paper = paper_table("dynamiccity_t4_downsampling")
+    paper["rates"] = paper[["d_t", "d_x", "d_y", "d_z"]].astype(str).agg(",".join, axis=1)
+    table = beside(table, paper, ["rates"], {"carlasc_cr": "CarlaSC C.R.", "carlasc_miou": "CarlaSC mIoU (%)",
+                                            "carlasc_s_per_iter": "CarlaSC s/iter (GPU)",
+                                            "carlasc_vram_gb": "CarlaSC VRAM (GB)"})
+    return runs, table
+
+
+def reconstruction_figure(run_id: str, out, frame: int = 0, index: int = 0) -> np.ndarray:
+    """Ground truth beside the reconstruction of one validation window (PyVista), visible voxels only."""
+    from occlab.render.scene import render_side_by_side
+
+    gt, pred, mask = reconstruct(run_id, index)
+    return render_side_by_side([gt[frame], pred[frame]], [f"ground truth (t={frame})", "reconstruction"],
+                               "carlasc", masks=[mask[frame], mask[frame]], out=out)

@@ -14,7 +14,8 @@ class DataConfig:
     data_root: str | None = None
     geometry: str = "carlasc"  # the synthetic town's geometry (readers know their own)
     frames: int = 16
-    crop: tuple[int, int, int] | None = None  # centred (X, Y, Z) crop around the ego
+    crop: tuple[int, int, int] | None = None  # a smaller (X, Y, Z) grid
+    crop_mode: str = "center"  # "center" on the ego, or "spread" over the grid (see WindowDataset)
     train_sequences: int = 64  # synthetic town only: scenes of the train split
     val_sequences: int = 8
     stride: int = 1
@@ -22,7 +23,8 @@ class DataConfig:
 
     def source_options(self, split: str) -> dict:
         """Keyword options for occlab.data.make_dataset."""
-        opts: dict = {"frames": self.frames, "stride": self.stride, "skip": self.skip, "crop": self.crop}
+        opts: dict = {"frames": self.frames, "stride": self.stride, "skip": self.skip, "crop": self.crop,
+                      "crop_mode": self.crop_mode}
         if self.dataset == "synthetic_town":
             n = self.train_sequences if split == "train" else self.val_sequences
             opts.update(geometry=self.geometry, num_sequences=n, seq_len=(self.frames - 1) * self.skip + 1)

@@ -11,6 +11,8 @@ import importlib
 import inspect
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +85,35 @@ class Run:
 
 
 def train_or_load(name: str, config, data: DataConfig, train: TrainConfig, root: str | os.PathLike | None = None,
-                  progress: bool = True) -> Run:
-    """The finished run of this configuration: reused when cached, resumed when interrupted, else trained."""
-    from occlab.train.trainer import train as run_training
+                  progress: bool = True, isolate: bool = True) -> Run:
+    """The finished run of this configuration: reused when cached, resumed when interrupted, else trained.
 
+    With `isolate` the run trains in a child process (`python -m occlab.train.job`), so its peak memory is
+    its own and a crash cannot take the caller down.
+    """
     spec = model_spec(name, config)
     key = run_key(spec, data, train)
     run = Run(key, (Path(root) if root else runs_dir()) / key)
-    if not run.finished:
-        model = build_model(name, spec["config"])
-        run_training(model, spec, data, train, run.path, num_classes=config.num_classes, progress=progress)
+    if run.finished:
+        return run
+    if not isolate:
+        from occlab.train.trainer import train as run_training
+
+        run_training(build_model(name, spec["config"]), spec, data, train, run.path, config.num_classes, progress)
+        return run
+    run.path.mkdir(parents=True, exist_ok=True)
+    job = run.path / "job.json"
+    job.write_text(json.dumps({"model": spec, "data": to_dict(data), "train": to_dict(train),
+                               "out": str(run.path), "progress": progress}, indent=2))
+    proc = subprocess.Popen([sys.executable, "-m", "occlab.train.job", str(job)], stderr=subprocess.PIPE)
+    tail = b""
+    for chunk in iter(lambda: proc.stderr.read1(4096), b""):  # show the child's progress, keep its last words
+        sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
+        tail = (tail + chunk)[-4000:]
+    if proc.wait() != 0 or not run.finished:
+        last = "\n".join(tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()[-12:])
+        raise OcclabError(f"run {key} failed (exit {proc.returncode}); its folder is {run.path}:\n{last}")
     return run
 
 
