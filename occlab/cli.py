@@ -134,6 +134,28 @@ def _eval_vae(args) -> int:
     return 0
 
 
+def _eval_gen(args) -> int:
+    from occlab.metrics.generation import eval_gen_dirs
+
+    res = eval_gen_dirs(args.real, args.fake, args.space, weights=args.weights, extractor=args.extractor,
+                        dataset=args.dataset, geometry=args.geometry, frame_stride=args.frame_stride,
+                        device=args.device)
+    res = {k: (None if isinstance(v, float) and v != v else v) for k, v in res.items()}  # NaN is not JSON
+    print(json.dumps(res) if args.json else json.dumps(res, indent=2))
+    return 0
+
+
+def _train_features(args) -> int:
+    from occlab.train.features import train_f2d, train_f3d
+
+    fn = train_f3d if args.kind == "f3d" else train_f2d
+    path = fn(dataset=args.dataset, data_root=args.data_root, geometry=args.geometry,
+              crop=tuple(args.crop) if args.crop else None, steps=args.steps, device=args.device, out=args.out,
+              force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
 def _model_info(args) -> int:
     from occlab.data import get_geometry
     from occlab.models import dynamiccity_info, dynamiccity_paper
@@ -221,6 +243,18 @@ def build_parser() -> Parser:
     tv.add_argument("--threads", type=int, default=None)
     tv.set_defaults(func=_train_vae)
 
+    for kind, what in (("f3d", "the sparse-conv 3D feature network"), ("f2d", "the 2D render classifier")):
+        tf = tsub.add_parser(kind, help=f"train {what} of the generation metrics (cached per dataset)")
+        tf.add_argument("--dataset", default="synthetic_town")
+        tf.add_argument("--data-root", default=None)
+        tf.add_argument("--geometry", choices=["carlasc", "occ3d"], default="carlasc")
+        tf.add_argument("--crop", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
+        tf.add_argument("--steps", type=int, default=600)
+        tf.add_argument("--device", default="cpu")
+        tf.add_argument("--out", default=None)
+        tf.add_argument("--force", action="store_true", help="retrain even when a cached network exists")
+        tf.set_defaults(func=_train_features, kind=kind)
+
     mi = sub.add_parser("model", help="model facts")
     msub = mi.add_subparsers(dest="model_command", required=True, parser_class=Parser)
     info = msub.add_parser("info", help="parameters, plane shapes and compression ratio")
@@ -239,6 +273,18 @@ def build_parser() -> Parser:
     er.add_argument("--mask", default=None)
     er.add_argument("--json", action="store_true")
     er.set_defaults(func=_eval_recon)
+    eg = esub.add_parser("gen", help="IS, FID, KID, precision, recall and F-score of generated samples")
+    eg.add_argument("--real", required=True, help="folder of npz files with `labels`")
+    eg.add_argument("--fake", required=True, help="folder of npz files with `labels`")
+    eg.add_argument("--space", choices=["2d", "3d"], default="3d")
+    eg.add_argument("--dataset", default="synthetic_town", help="whose 3D feature network to use")
+    eg.add_argument("--weights", default=None, help="a feature-network checkpoint (default: the cached one)")
+    eg.add_argument("--extractor", choices=["inception", "f2d"], default="inception")
+    eg.add_argument("--geometry", default=None)
+    eg.add_argument("--frame-stride", type=int, default=4)
+    eg.add_argument("--device", default="cpu")
+    eg.add_argument("--json", action="store_true")
+    eg.set_defaults(func=_eval_gen)
     evv = esub.add_parser("vae", help="reconstruction metrics of a trained VAE checkpoint")
     evv.add_argument("--ckpt", required=True)
     evv.add_argument("--split", choices=["train", "val", "test"], default="val")

@@ -11,6 +11,7 @@ _EXPORTS = {
     "voxel_mesh": "scene", "plot_frame": "scene", "render_frame": "scene", "render_sequence": "scene",
     "show": "scene", "view_file": "scene", "CAMERAS": "scene",
     "bev_image": "bev", "plot_bev": "bev", "plot_class_stats": "bev", "class_counts": "bev",
+    "render_side_by_side": "scene", "render_views": "semantic", "perspective": "semantic",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,8 +8,9 @@ Inputs are integer labels (B,X,Y,Z) or (B,T,X,Y,Z) on any device; outputs are fl
 - `bev`: the top-most occupied class of each column, oriented like occlab.render.bev: row 0 is the front
   (largest x), column 0 the far left (largest y), so pixel [r, c] shows column (X-1-r, Y-1-c).
 - `perspective`: pinhole cameras at the ego (the grid centre in x, y), `height` metres above the road surface
-  of the geometry (CarlaSC z = -1.8 m, Occ3D z = 0.1 m; a smaller grid is taken as the centred crop that
-  Sequence.crop makes; `crop_geometry`), ray-marched
+  of the geometry (CarlaSC z = -1.8 m, Occ3D z = 0.1 m; a smaller grid is taken as the crop that
+  Sequence.crop makes, centred in x, y and keeping the bottom layers: `crop_geometry`; for "spread" crops the
+  camera stands at the crop's centre, not at the ego), ray-marched
   in steps of half the smallest voxel side up to where each ray leaves the grid. CAMERAS: `front` looks
   along +x, `rear` along -x, `left` along +y, `right` along -y; all pitched 10 degrees down, 90 degrees of
   horizontal field of view, square pixels. `shade` darkens a hit linearly with its distance (0 = pure palette,
@@ -17,7 +18,6 @@ Inputs are integer labels (B,X,Y,Z) or (B,T,X,Y,Z) on any device; outputs are fl
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,19 +48,14 @@ VIEWS = ("bev", "front", "rear")  # the views of the 2D generation metrics
 
 def crop_geometry(geometry: Geometry | str | None, shape: tuple[int, int, int]) -> Geometry:
     """The geometry of a grid of `shape`: a named one (default: the one with this grid, else the one with this
-    many z layers, else CarlaSC), cropped around its centre like Sequence.crop when the grid is smaller."""
+    many z layers, else CarlaSC), cropped like Sequence.crop (Geometry.crop) when the grid is smaller."""
     shape = tuple(int(n) for n in shape)
     if geometry is None:
         geometry = next((g for g in GEOMETRIES.values() if g.grid == shape),
                         next((g for g in GEOMETRIES.values() if g.grid[2] == shape[2]), GEOMETRIES["carlasc"]))
     elif isinstance(geometry, str):
         geometry = get_geometry(geometry.removesuffix("-crop"))
-    if geometry.grid == shape:
-        return geometry
-    lo = tuple(b + ((n - c) // 2) * v for b, n, c, v in zip(geometry.min_bound, geometry.grid, shape,
-                                                              geometry.voxel_size))
-    return dataclasses.replace(geometry, name=f"{geometry.name.removesuffix('-crop')}-crop", grid=shape,
-                               min_bound=lo)
+    return geometry.crop(shape)
 
 
 def palette(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -14,6 +14,8 @@ Recipe v1 (change it only together with features3d.VERSION, since every cached c
   probe: the features stay the autoencoder's); f2d loss = attribute cross-entropy on the renders (occlab.render.
   semantic views BEV/front/rear at 128 px). On CPU the sparse network trains on one thread (features3d).
   Measured on 2 shared CPU cores: about 0.3 s a step at a 64x64x8 crop (3 minutes), 0.7 s at 128x128x8.
+- Crops: `crop` trains on the study grids, centred on the ego (`crop_mode="center"`) or anywhere in the grid
+  ("spread", cached as <geometry>-spread; pass its path as `weights=` to the metrics).
 - Output: $OCCLAB_CACHE/metrics/<kind>-<dataset>-v1/<geometry>-<X>x<Y>x<Z>.pt (default ~/.cache/occlab) and a
   `.csv` loss log beside it (step, loss, recon, cls, acc, seconds; the last row is the validation). An existing
   checkpoint is reused unless force=True. A CUDA device trains on the GPU when spconv is a CUDA build.
@@ -67,11 +69,11 @@ def _options(dataset: str, split: str, geometry: str, sequences: int) -> dict:
 
 def windows(dataset: str = "synthetic_town", data_root: str | None = None, split: str = "train",
             geometry: str = "carlasc", crop: tuple[int, int, int] | None = None, sequences: int = 64,
-            frame_stride: int = 2):
+            frame_stride: int = 2, crop_mode: str = "center"):
     """Single-frame windows of one split (every `frame_stride`-th frame of each scene)."""
     from occlab.data import make_dataset
 
-    return make_dataset(dataset, data_root, split, frames=1, stride=frame_stride, crop=crop,
+    return make_dataset(dataset, data_root, split, frames=1, stride=frame_stride, crop=crop, crop_mode=crop_mode,
                         **_options(dataset, split, geometry, sequences))
 
 
@@ -87,10 +89,11 @@ def load_frames(ds, attribute: str, max_frames: int = 2048) -> tuple[torch.Tenso
 
 
 def _target(kind: str, dataset: str, ds, crop, out) -> tuple[Path, str, tuple[int, int, int]]:
-    """Checkpoint path, geometry name and grid of a training run."""
+    """Checkpoint path, geometry name and grid of a training run ("spread" crops are cached apart)."""
     geo = ds.source.geometry
     grid = tuple(crop) if crop else tuple(geo.grid)
-    return (Path(out) if out else features3d.checkpoint_path(kind, dataset, geo.name, grid)), geo.name, grid
+    key = geo.name + ("-spread" if crop and ds.crop_mode == "spread" else "")
+    return (Path(out) if out else features3d.checkpoint_path(kind, dataset, key, grid)), geo.name, grid
 
 
 def _fit(model: torch.nn.Module, data: torch.Tensor, attrs: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
@@ -147,44 +150,49 @@ def evaluate(model: torch.nn.Module, data: torch.Tensor, attrs: torch.Tensor, de
 
 
 def train_f3d(dataset: str = "synthetic_town", data_root: str | None = None, geometry: str = "carlasc",
-              crop: tuple[int, int, int] | None = None, steps: int = 600, batch_size: int = 8, lr: float = 1e-3,
-              sequences: int = 192, frame_stride: int = 4, max_frames: int = 2048, attribute: str | None = None,
-              probe: bool = True, val_sequences: int = 16, device: str = "cpu", seed: int = 0,
-              out: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> Path:
+              crop: tuple[int, int, int] | None = None, crop_mode: str = "center", steps: int = 600,
+              batch_size: int = 8, lr: float = 1e-3, sequences: int = 192, frame_stride: int = 4,
+              max_frames: int = 2048, attribute: str | None = None, probe: bool = True, val_sequences: int = 16,
+              device: str = "cpu", seed: int = 0, out: str | os.PathLike | None = None, force: bool = False,
+              progress: bool = True) -> Path:
     """Train (or reuse) the 3D feature network of a dataset; returns its checkpoint path (module docstring)."""
     name, num_attr = _attribute(dataset, attribute)
-    ds = windows(dataset, data_root, "train", geometry, crop, sequences, frame_stride)
+    ds = windows(dataset, data_root, "train", geometry, crop, sequences, frame_stride, crop_mode)
     path, geo, grid = _target("f3d", dataset, ds, crop, out)
     if path.is_file() and not force:
         return path
     data, attrs = load_frames(ds, name, max_frames)
-    val = load_frames(windows(dataset, data_root, "val", geometry, crop, val_sequences, frame_stride), name, 512)
+    val_ds = windows(dataset, data_root, "val", geometry, crop, val_sequences, frame_stride, crop_mode)
+    val = load_frames(val_ds, name, 512)
     device = str(features3d.sparse_device(device))
     torch.manual_seed(seed)
     model = features3d.F3DNet(grid, ds.source.num_classes, num_attr, probe=probe).to(device)
     result = _fit(model, data, attrs, val, steps, batch_size, lr, device, path.with_suffix(".csv"),
                   f"f3d {dataset} {geo} {'x'.join(map(str, grid))}", True, progress)
-    meta = {"dataset": dataset, "geometry": geo, "grid": list(grid), "attribute": name, "probe": probe,
-            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "train_frames": len(data),
-            "val_frames": len(val[0]), "recipe": f"v{features3d.VERSION}", "torch": str(torch.__version__), **result}
+    meta = {"dataset": dataset, "geometry": geo, "grid": list(grid), "crop_mode": crop_mode, "attribute": name,
+            "probe": probe, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "train_frames": len(data), "val_frames": len(val[0]), "recipe": f"v{features3d.VERSION}",
+            "torch": str(torch.__version__), **result}
     return features3d.save_f3d(model.cpu().eval(), path, meta)
 
 
 def train_f2d(dataset: str = "synthetic_town", data_root: str | None = None, geometry: str = "carlasc",
-              crop: tuple[int, int, int] | None = None, steps: int = 600, batch_size: int = 8, lr: float = 1e-3,
-              sequences: int = 192, frame_stride: int = 4, max_frames: int = 1024, attribute: str | None = None,
-              val_sequences: int = 16, views: tuple[str, ...] = VIEWS, image_size: int = 128, device: str = "cpu",
-              seed: int = 0, out: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> Path:
+              crop: tuple[int, int, int] | None = None, crop_mode: str = "center", steps: int = 600,
+              batch_size: int = 8, lr: float = 1e-3, sequences: int = 192, frame_stride: int = 4,
+              max_frames: int = 1024, attribute: str | None = None, val_sequences: int = 16,
+              views: tuple[str, ...] = VIEWS, image_size: int = 128, device: str = "cpu", seed: int = 0,
+              out: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> Path:
     """Train (or reuse) the 2D CNN on the renders of a dataset (its logits give the 2D Inception Score)."""
     name, num_attr = _attribute(dataset, attribute)
     if num_attr == 0:
         raise OcclabError(f"{dataset} provides no scene attribute to train the 2D network on")
-    ds = windows(dataset, data_root, "train", geometry, crop, sequences, frame_stride)
+    ds = windows(dataset, data_root, "train", geometry, crop, sequences, frame_stride, crop_mode)
     path, geo, grid = _target("f2d", dataset, ds, crop, out)
     if path.is_file() and not force:
         return path
     data, attrs = load_frames(ds, name, max_frames)
-    val = load_frames(windows(dataset, data_root, "val", geometry, crop, val_sequences, frame_stride), name, 512)
+    val_ds = windows(dataset, data_root, "val", geometry, crop, val_sequences, frame_stride, crop_mode)
+    val = load_frames(val_ds, name, 512)
 
     def images(lab: torch.Tensor, att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img = torch.cat([to_uint8(render_views(lab[s:s + 32], views, image_size, geo))
@@ -195,9 +203,9 @@ def train_f2d(dataset: str = "synthetic_town", data_root: str | None = None, geo
     model = features2d.F2DNet(num_attr).to(device)
     result = _fit(model, *images(data, attrs), images(*val), steps, batch_size, lr, device,
                   path.with_suffix(".csv"), f"f2d {dataset} {geo} {'x'.join(map(str, grid))}", False, progress)
-    meta = {"dataset": dataset, "geometry": geo, "grid": list(grid), "attribute": name, "views": list(views),
-            "image_size": image_size, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "recipe": f"v{features2d.VERSION}", "torch": str(torch.__version__), **result}
+    meta = {"dataset": dataset, "geometry": geo, "grid": list(grid), "crop_mode": crop_mode, "attribute": name,
+            "views": list(views), "image_size": image_size, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "seed": seed, "recipe": f"v{features2d.VERSION}", "torch": str(torch.__version__), **result}
     return features2d.save_f2d(model.cpu().eval(), path, meta)
 
 
