@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 
 import numpy as np
@@ -250,7 +251,7 @@ def test_precision_recall_on_hand_made_features() -> None:
     assert m["is"] == pytest.approx(4.0, rel=1e-3)
 
 
-def test_sequences_frames_and_directories(town, f3d, tmp_path) -> None:
+def test_sequences_frames_and_directories(town, f3d, tmp_path, capsys) -> None:
     from occlab.metrics.generation import eval_gen_dirs, generation_metrics
 
     seqs = town.view(8, 4, *CROP)  # 8 sequences of 4 frames
@@ -263,6 +264,12 @@ def test_sequences_frames_and_directories(town, f3d, tmp_path) -> None:
             np.savez_compressed(folder / f"{i:03d}.npz", labels=s.numpy())
     res = eval_gen_dirs(real, fake, "3d", weights=f3d, frame_stride=1, kid_subsets=5)
     assert res["n_real"] == 32 and res["fid"] > 1e-2
+    from occlab.cli import main  # the command line prints the documented keys as JSON
+
+    assert main(["eval", "gen", "--real", str(real), "--fake", str(fake), "--space", "3d", "--weights", str(f3d),
+                 "--frame-stride", "1", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"is", "fid", "kid", "precision", "recall", "f_score"} <= set(printed)
     with pytest.raises(OcclabError, match="no such directory"):
         eval_gen_dirs(tmp_path / "missing", fake, "3d", weights=f3d)
     (tmp_path / "empty").mkdir()

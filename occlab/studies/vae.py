@@ -93,7 +93,7 @@ def run_grid(variants: list[dict], preset: str, dataset: str = "synthetic_town",
 def summarize(df: pd.DataFrame, keys: list[str], metrics=("miou", "iou", "s_per_iter", "peak_mem_gib")) -> pd.DataFrame:
     """Mean and seed-to-seed spread (std; 0 with one seed) of each metric per variant, with the run ids."""
     agg = {f"{m}": (m, "mean") for m in metrics}
-    agg.update({f"{m}_std": (m, lambda s: float(np.std(s, ddof=1)) if len(s) > 1 else 0.0) for m in ("miou",)})
+    agg.update({f"{m}_std": (m, lambda s: float(np.std(s, ddof=1)) if len(s) > 1 else 0.0) for m in metrics})
     agg["seeds"] = ("seed", "count")
     agg["run_ids"] = ("run_id", lambda s: " ".join(s))
     return df.groupby(keys, sort=False).agg(**agg).reset_index()
@@ -180,6 +180,31 @@ def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | 
                                             "carlasc_s_per_iter": "CarlaSC s/iter (GPU)",
                                             "carlasc_vram_gb": "CarlaSC VRAM (GB)"})
     return runs, table
+
+
+def claims(runs: pd.DataFrame, notebook: str, preset: str, min_spread: dict | None = None) -> list[dict]:
+    """Verdicts of the claims a notebook owns (occlab.report.claims), from its runs (variants x seeds).
+
+    `min_spread` ({metric: std}) floors the seed-to-seed spread, for notebooks that can afford only one seed.
+    """
+    from occlab.report.claims import evaluate_claims
+
+    keys = ["rates"] if "rates" in runs else ["encoder", "decoder"]
+    metrics = ("miou", "iou", "cr", "s_per_iter", "peak_mem_gib")
+    table = summarize(runs, keys, metrics=metrics)
+    for metric, floor in (min_spread or {}).items():
+        table[f"{metric}_std"] = table[f"{metric}_std"].clip(lower=floor)
+    values = {"/".join(str(row[k]) for k in keys): row.to_dict() for _, row in table.iterrows()}
+    return evaluate_claims(notebook, values, preset)
+
+
+def seed_spread(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
+                device: str = "cpu") -> dict:
+    """Seed-to-seed std of each metric of the paper's choice (projection + ESS, rates 2,2,2,2) over the
+    preset's seeds, from the run cache (trained if missing)."""
+    runs = run_grid([{"encoder": "projection", "decoder": "ess"}], preset, dataset, data_root, device)
+    return {m: float(runs[m].std(ddof=1)) if len(runs) > 1 else 0.0
+            for m in ("miou", "iou", "s_per_iter", "peak_mem_gib")}
 
 
 def reconstruction_figure(run_id: str, out, frame: int = 0, index: int = 0) -> np.ndarray:

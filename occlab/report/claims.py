@@ -1,0 +1,93 @@
+"""The claims ledger: the orderings the papers rest on, and whether they hold on the data at hand.
+
+A claim compares variants by a metric in a direction. `verdict` says "yes" when our difference has the claimed
+sign and exceeds the seed-to-seed spread, "no" when it has the other sign beyond the spread, and
+"inconclusive" inside it; a smoke run's verdicts are marked "smoke", never evidence.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One ordering: `better` beats `worse` in `metric` (higher is better unless `lower`)."""
+
+    id: str
+    paper: str  # "DynamicCity Tab. 3"
+    statement: str
+    metric: str
+    better: str  # variant key in the notebook's table
+    worse: str
+    lower: bool = False
+    notebook: str = ""
+    paper_values: tuple[float, float] | None = None  # the paper's (better, worse)
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("dc-t3-proj-ess", "DynamicCity Tab. 3", "projection beats average pooling in mIoU (ESS decoder)", "miou",
+          "projection/ess", "avgpool/ess", notebook="03_vae_structure", paper_values=(74.22, 68.02)),
+    Claim("dc-t3-proj-query", "DynamicCity Tab. 3", "projection beats average pooling in mIoU (query decoder)",
+          "miou", "projection/query", "avgpool/query", notebook="03_vae_structure", paper_values=(68.73, 60.97)),
+    Claim("dc-t3-ess-faster-proj", "DynamicCity Tab. 3", "ESS is faster per iteration than query (projection)",
+          "s_per_iter", "projection/ess", "projection/query", lower=True, notebook="03_vae_structure",
+          paper_values=(0.205, 0.292)),
+    Claim("dc-t3-ess-faster-avg", "DynamicCity Tab. 3", "ESS is faster per iteration than query (average pooling)",
+          "s_per_iter", "avgpool/ess", "avgpool/query", lower=True, notebook="03_vae_structure",
+          paper_values=(0.143, 0.236)),
+    Claim("dc-t3-ess-lighter", "DynamicCity Tab. 3", "ESS takes less peak memory than query (projection)",
+          "peak_mem_gib", "projection/ess", "projection/query", lower=True, notebook="03_vae_structure",
+          paper_values=(5.92, 13.59)),
+    Claim("dc-t3-ess-miou", "DynamicCity Tab. 3", "ESS beats query in mIoU (projection)", "miou",
+          "projection/ess", "projection/query", notebook="03_vae_structure", paper_values=(74.22, 68.73)),
+    Claim("dc-t4-miou-1-2", "DynamicCity Tab. 4", "mIoU falls from rates 1,1,1,1 to 1,2,2,1", "miou",
+          "1,1,1,1", "1,2,2,1", notebook="04_downsampling", paper_values=(84.67, 76.05)),
+    Claim("dc-t4-miou-2-3", "DynamicCity Tab. 4", "mIoU falls from rates 1,2,2,1 to 2,2,2,2", "miou",
+          "1,2,2,1", "2,2,2,2", notebook="04_downsampling", paper_values=(76.05, 74.22)),
+    Claim("dc-t4-miou-3-4", "DynamicCity Tab. 4", "mIoU falls from rates 2,2,2,2 to 2,4,4,2", "miou",
+          "2,2,2,2", "2,4,4,2", notebook="04_downsampling", paper_values=(74.22, 65.15)),
+    Claim("dc-t4-cr", "DynamicCity Tab. 4", "the compression ratio rises with the rates (2,4,4,2 vs 1,1,1,1)", "cr",
+          "2,4,4,2", "1,1,1,1", notebook="04_downsampling", paper_values=(71.86, 5.78)),
+    Claim("dc-t4-memory", "DynamicCity Tab. 4", "peak memory falls with the rates (2,4,4,2 vs 1,1,1,1)",
+          "peak_mem_gib", "2,4,4,2", "1,1,1,1", lower=True, notebook="04_downsampling", paper_values=(4.00, 21.63)),
+)
+
+
+def verdict(better: float, worse: float, spread: float, lower: bool = False, smoke: bool = False) -> tuple[str, float]:
+    """("yes" | "no" | "inconclusive" | "smoke", signed margin in the claimed direction)."""
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (better, worse)):
+        return "inconclusive", float("nan")
+    margin = (worse - better) if lower else (better - worse)
+    if smoke:
+        return "smoke", margin
+    if abs(margin) <= spread:
+        return "inconclusive", margin
+    return ("yes" if margin > 0 else "no"), margin
+
+
+def evaluate_claims(notebook: str, values: dict[str, dict], preset: str) -> list[dict]:
+    """Verdicts of a notebook's claims from {variant: {metric: mean, metric + "_std": spread, seeds, run_ids}}."""
+    out = []
+    for c in (c for c in CLAIMS if c.notebook == notebook):
+        a, b = values.get(c.better, {}), values.get(c.worse, {})
+        spread = max(a.get(f"{c.metric}_std", 0.0) or 0.0, b.get(f"{c.metric}_std", 0.0) or 0.0)
+        holds, margin = verdict(a.get(c.metric), b.get(c.metric), spread, c.lower, smoke=preset == "smoke")
+        out.append({"id": c.id, "statement": c.statement, "paper": c.paper, "metric": c.metric,
+                    "paper_values": c.paper_values, "ours": [a.get(c.metric), b.get(c.metric)], "holds": holds,
+                    "margin": margin, "spread": spread, "seeds": min(a.get("seeds", 0), b.get("seeds", 0)),
+                    "run_ids": f"{a.get('run_ids', '')} {b.get('run_ids', '')}".split(), "preset": preset})
+    return out
+
+
+def write_claims(out_dir: str | Path, claims: list[dict]) -> Path:
+    """claims.json in a notebook's output folder (NaN written as null)."""
+    path = Path(out_dir) / "claims.json"
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in c.items()} for c in claims]
+    path.write_text(json.dumps(clean, indent=2))
+    return path
+
+
+__all__ = ["CLAIMS", "Claim", "asdict", "evaluate_claims", "verdict", "write_claims"]

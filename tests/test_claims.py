@@ -1,0 +1,42 @@
+"""Claim verdicts on hand-made numbers: holds, fails, inconclusive inside the spread, smoke never evidence."""
+import math
+
+import pandas as pd
+
+from occlab.report.claims import CLAIMS, evaluate_claims, verdict
+from occlab.studies.vae import claims
+
+
+def test_verdict_cases():
+    assert verdict(0.60, 0.50, spread=0.02) == ("yes", 0.09999999999999998)
+    assert verdict(0.50, 0.60, spread=0.02)[0] == "no"
+    assert verdict(0.51, 0.50, spread=0.02)[0] == "inconclusive"
+    assert verdict(0.2, 0.3, spread=0.0, lower=True)[0] == "yes"  # lower is better: 0.2 s beats 0.3 s
+    assert verdict(0.6, 0.5, spread=0.0, smoke=True)[0] == "smoke"
+    assert verdict(float("nan"), 0.5, 0.0)[0] == "inconclusive"
+
+
+def test_every_claim_is_owned_by_one_notebook():
+    assert len({c.id for c in CLAIMS}) == len(CLAIMS)
+    assert all(c.notebook for c in CLAIMS)
+
+
+def test_claims_from_runs():
+    rows = []
+    for enc, dec, miou, spi in [("avgpool", "query", 0.40, 2.0), ("avgpool", "ess", 0.45, 0.5),
+                                ("projection", "query", 0.41, 2.5), ("projection", "ess", 0.55, 0.7)]:
+        for seed, jitter in ((0, -0.01), (1, 0.01)):
+            rows.append({"encoder": enc, "decoder": dec, "seed": seed, "miou": miou + jitter, "iou": 0.8,
+                         "cr": 12.0, "s_per_iter": spi, "peak_mem_gib": 1.0, "run_id": f"r{enc}{dec}{seed}"})
+    out = {c["id"]: c for c in claims(pd.DataFrame(rows), "03_vae_structure", "study")}
+    assert out["dc-t3-proj-ess"]["holds"] == "yes" and out["dc-t3-proj-ess"]["seeds"] == 2
+    assert out["dc-t3-proj-query"]["holds"] == "inconclusive"  # 0.01 apart, spread 0.014
+    assert out["dc-t3-ess-faster-proj"]["holds"] == "yes"
+    assert out["dc-t3-ess-lighter"]["holds"] == "inconclusive"  # equal memory
+    assert len(out["dc-t3-proj-ess"]["run_ids"]) == 4
+    assert math.isclose(out["dc-t3-proj-ess"]["margin"], 0.10)
+
+
+def test_missing_variant_is_inconclusive():
+    res = evaluate_claims("04_downsampling", {"2,2,2,2": {"miou": 0.5}}, "study")
+    assert all(c["holds"] == "inconclusive" for c in res if "1,1,1,1" in c["statement"])
