@@ -116,7 +116,7 @@ def _train_vae(args) -> int:
 
 def _eval_vae(args) -> int:
     from occlab.data import make_dataset
-    from occlab.train import checkpoint
+    from occlab import checkpoint
     from occlab.train.config import DataConfig, from_dict
     from occlab.train.runs import build_model
     from occlab.train.trainer import evaluate

@@ -10,7 +10,7 @@ import torch
 from occlab.cli import main
 from occlab.errors import OcclabError
 from occlab.models import DynamicCity, dynamiccity_tiny
-from occlab.train import checkpoint
+from occlab import checkpoint
 from occlab.train.config import DataConfig, TrainConfig
 from occlab.train.losses import OccupancyLoss
 from occlab.train.runs import model_spec, train_or_load

@@ -170,7 +170,7 @@ class F2DNet(nn.Module):
 
 def save_f2d(model: F2DNet, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write an f2d checkpoint (config, weights, meta) atomically."""
-    from occlab.train.checkpoint import save_atomic
+    from occlab.checkpoint import save_atomic
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return save_atomic({"kind": "f2d", "version": VERSION, "config": model.config, "state_dict": state,
@@ -179,7 +179,7 @@ def save_f2d(model: F2DNet, path: str | os.PathLike, meta: dict | None = None) -
 
 def load_f2d(path: str | os.PathLike, device: str | torch.device = "cpu") -> F2DNet:
     """A checkpoint written by save_f2d, in eval mode."""
-    from occlab.train.checkpoint import load
+    from occlab.checkpoint import load
 
     ckpt = load(path)
     if ckpt.get("kind") != "f2d":

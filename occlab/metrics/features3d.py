@@ -214,7 +214,7 @@ class F3DNet(nn.Module):
 
 def save_f3d(model: F3DNet, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write a checkpoint (config, weights, meta) atomically."""
-    from occlab.train.checkpoint import save_atomic  # a leaf helper: no trainer code
+    from occlab.checkpoint import save_atomic
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return save_atomic({"kind": "f3d", "version": VERSION, "config": model.config, "state_dict": state,
@@ -223,7 +223,7 @@ def save_f3d(model: F3DNet, path: str | os.PathLike, meta: dict | None = None) -
 
 def load_f3d(path: str | os.PathLike, device: str | torch.device = "cpu") -> F3DNet:
     """A checkpoint written by save_f3d, in eval mode."""
-    from occlab.train.checkpoint import load
+    from occlab.checkpoint import load
 
     ckpt = load(path)
     if ckpt.get("kind") != "f3d":

@@ -119,7 +119,7 @@ def mean_scene_baseline(data: DataConfig, num_classes: int = 11) -> dict:
 def reconstruct(run_id: str, index: int = 0, split: str = "val"):
     """(ground truth, reconstruction, mask) numpy arrays (T, X, Y, Z) of one window by a cached run."""
     from occlab.data import make_dataset
-    from occlab.train import checkpoint
+    from occlab import checkpoint
     from occlab.train.config import from_dict
     from occlab.train.runs import build_model, find_run
 

@@ -25,7 +25,7 @@ from occlab.classes import IGNORE
 from occlab.errors import OcclabError
 from occlab.metrics.cost import CostMeter
 from occlab.metrics.recon import ConfusionMatrix, ReconMetrics
-from occlab.train import checkpoint
+from occlab import checkpoint
 from occlab.train.config import DataConfig, TrainConfig, to_dict
 from occlab.train.losses import OccupancyLoss, class_weights
 
