@@ -40,3 +40,15 @@ def test_claims_from_runs():
 def test_missing_variant_is_inconclusive():
     res = evaluate_claims("04_downsampling", {"2,2,2,2": {"miou": 0.5}}, "study")
     assert all(c["holds"] == "inconclusive" for c in res if "1,1,1,1" in c["statement"])
+
+
+def test_tolerance_and_the_baseline_floor():
+    close = {"1,1,1,1": {"miou": 0.0588}, "1,2,2,1": {"miou": 0.0585}}
+    res = {c["id"]: c for c in evaluate_claims("04_downsampling", close, "study")}
+    assert res["dc-t4-miou-1-2"]["holds"] == "inconclusive"  # 0.0003 apart: inside a point of mIoU
+    apart = {"1,1,1,1": {"miou": 0.30}, "1,2,2,1": {"miou": 0.05}}
+    res = {c["id"]: c for c in evaluate_claims("04_downsampling", apart, "study")}
+    assert res["dc-t4-miou-1-2"]["holds"] == "yes"
+    trivial = {"1,1,1,1": {"miou": 0.058}, "1,2,2,1": {"miou": 0.012}}
+    res = {c["id"]: c for c in evaluate_claims("04_downsampling", trivial, "study", floor={"miou": 0.057})}
+    assert res["dc-t4-miou-1-2"]["holds"] == "inconclusive" and "baseline" in res["dc-t4-miou-1-2"]["note"]

@@ -56,6 +56,10 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+TOLERANCE = {"miou": 0.01, "iou": 0.01}  # absolute: a point of mIoU; time and memory: RELATIVE_TOLERANCE
+RELATIVE_TOLERANCE = 0.02
+
+
 def verdict(better: float, worse: float, spread: float, lower: bool = False, smoke: bool = False) -> tuple[str, float]:
     """("yes" | "no" | "inconclusive" | "smoke", signed margin in the claimed direction)."""
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (better, worse)):
@@ -68,16 +72,26 @@ def verdict(better: float, worse: float, spread: float, lower: bool = False, smo
     return ("yes" if margin > 0 else "no"), margin
 
 
-def evaluate_claims(notebook: str, values: dict[str, dict], preset: str) -> list[dict]:
-    """Verdicts of a notebook's claims from {variant: {metric: mean, metric + "_std": spread, seeds, run_ids}}."""
+def evaluate_claims(notebook: str, values: dict[str, dict], preset: str, floor: dict | None = None) -> list[dict]:
+    """Verdicts of a notebook's claims from {variant: {metric: mean, metric + "_std": spread, seeds, run_ids}}.
+
+    The spread is the larger seed-to-seed std, but at least a point of mIoU/IoU or 2% of a time or memory.
+    `floor` ({metric: value}, e.g. the mean-scene baseline's mIoU): when neither variant beats it, the models
+    have not learned beyond the trivial answer and the claim is inconclusive whatever the margin.
+    """
     out = []
     for c in (c for c in CLAIMS if c.notebook == notebook):
         a, b = values.get(c.better, {}), values.get(c.worse, {})
-        spread = max(a.get(f"{c.metric}_std", 0.0) or 0.0, b.get(f"{c.metric}_std", 0.0) or 0.0)
-        holds, margin = verdict(a.get(c.metric), b.get(c.metric), spread, c.lower, smoke=preset == "smoke")
+        va, vb = a.get(c.metric), b.get(c.metric)
+        tol = TOLERANCE.get(c.metric, RELATIVE_TOLERANCE * max(abs(va or 0), abs(vb or 0)) if c.metric != "cr" else 0)
+        spread = max(a.get(f"{c.metric}_std", 0.0) or 0.0, b.get(f"{c.metric}_std", 0.0) or 0.0, tol)
+        holds, margin = verdict(va, vb, spread, c.lower, smoke=preset == "smoke")
+        note = ""
+        if floor and c.metric in floor and va is not None and vb is not None and max(va, vb) <= floor[c.metric] + tol:
+            holds, note = ("smoke" if holds == "smoke" else "inconclusive"), "neither beats the mean-scene baseline"
         out.append({"id": c.id, "statement": c.statement, "paper": c.paper, "metric": c.metric,
-                    "paper_values": c.paper_values, "ours": [a.get(c.metric), b.get(c.metric)], "holds": holds,
-                    "margin": margin, "spread": spread, "seeds": min(a.get("seeds", 0), b.get("seeds", 0)),
+                    "paper_values": c.paper_values, "ours": [va, vb], "holds": holds, "margin": margin,
+                    "spread": spread, "note": note, "seeds": min(a.get("seeds", 0), b.get("seeds", 0)),
                     "run_ids": f"{a.get('run_ids', '')} {b.get('run_ids', '')}".split(), "preset": preset})
     return out
 

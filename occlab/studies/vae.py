@@ -182,10 +182,12 @@ def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | 
     return runs, table
 
 
-def claims(runs: pd.DataFrame, notebook: str, preset: str, min_spread: dict | None = None) -> list[dict]:
+def claims(runs: pd.DataFrame, notebook: str, preset: str, min_spread: dict | None = None,
+           baseline: dict | None = None) -> list[dict]:
     """Verdicts of the claims a notebook owns (occlab.report.claims), from its runs (variants x seeds).
 
-    `min_spread` ({metric: std}) floors the seed-to-seed spread, for notebooks that can afford only one seed.
+    `min_spread` ({metric: std}) floors the seed-to-seed spread, for notebooks that can afford only one seed;
+    `baseline` (the mean-scene baseline's {miou, iou}) marks mIoU claims between untrained-looking models.
     """
     from occlab.report.claims import evaluate_claims
 
@@ -195,7 +197,7 @@ def claims(runs: pd.DataFrame, notebook: str, preset: str, min_spread: dict | No
     for metric, floor in (min_spread or {}).items():
         table[f"{metric}_std"] = table[f"{metric}_std"].clip(lower=floor)
     values = {"/".join(str(row[k]) for k in keys): row.to_dict() for _, row in table.iterrows()}
-    return evaluate_claims(notebook, values, preset)
+    return evaluate_claims(notebook, values, preset, floor=baseline)
 
 
 def seed_spread(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
