@@ -192,36 +192,10 @@ def load_f2d(path: str | os.PathLike, device: str | torch.device = "cpu") -> F2D
 
 @lru_cache(maxsize=1)
 def _f2d_class() -> type:
-    """The torch-fidelity extractor class of F2DNet, built on first use."""
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    """The torch-fidelity extractor class of F2DNet ("occlab-f2d": images (B,3,H,W) -> features, logits)."""
+    from occlab.metrics.extractor import checkpoint_extractor
 
-    class F2DFeatures(FeatureExtractorBase):
-        """torch-fidelity extractor "occlab-f2d": uint8 images (B,3,H,W) -> features (B,256), logits (B,A)."""
-
-        def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path=None, **kwargs):
-            super().__init__(name, features_list)
-            if feature_extractor_weights_path is None:
-                raise OcclabError("the occlab-f2d extractor needs its checkpoint (feature_extractor_weights_path)")
-            self.net = load_f2d(feature_extractor_weights_path)
-            self.requires_grad_(False)
-
-        @staticmethod
-        def get_provided_features_list() -> tuple[str, ...]:
-            return "features", "logits"
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric: str) -> str:
-            return "logits" if metric == "isc" else "features"
-
-        @staticmethod
-        def can_be_compiled() -> bool:
-            return False
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = self.net(x)
-            return tuple(out[k].float() for k in self.features_list)
-
-    return F2DFeatures
+    return checkpoint_extractor("occlab-f2d", load_f2d, lambda net, x: net(x))
 
 
 def register() -> tuple[str, str]:

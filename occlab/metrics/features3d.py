@@ -34,6 +34,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -236,49 +237,18 @@ def load_f3d(path: str | os.PathLike, device: str | torch.device = "cpu") -> F3D
     return model.to(device).eval()
 
 
+@lru_cache(maxsize=1)
 def _extractor_class() -> type:
-    """The torch-fidelity extractor class, built on first use (torch-fidelity loads torchvision)."""
-    global _EXTRACTOR
-    if _EXTRACTOR is not None:
-        return _EXTRACTOR
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    """The torch-fidelity extractor class ("occlab-f3d": integer labels (B,X,Y,Z) -> features, logits)."""
+    from occlab.metrics.extractor import checkpoint_extractor
 
-    class F3DFeatures(FeatureExtractorBase):
-        """torch-fidelity extractor "occlab-f3d": uint8 labels (B,X,Y,Z) -> features (B,256), logits (B,A)."""
+    def outputs(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.is_floating_point():
+            raise OcclabError(f"occlab-f3d expects integer labels (B,X,Y,Z), got {x.dtype}")
+        z = net.encode(x)
+        return {"features": z, "logits": net.head(z)}
 
-        def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
-                     **kwargs):
-            super().__init__(name, features_list)
-            if feature_extractor_weights_path is None:
-                raise OcclabError("the occlab-f3d extractor needs its checkpoint (feature_extractor_weights_path)")
-            self.net = load_f3d(feature_extractor_weights_path)
-            self.requires_grad_(False)
-
-        @staticmethod
-        def get_provided_features_list() -> tuple[str, ...]:
-            return "features", "logits"
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric: str) -> str:
-            return "logits" if metric == "isc" else "features"
-
-        @staticmethod
-        def can_be_compiled() -> bool:
-            return False
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            """Features in the order of the requested features list."""
-            if x.is_floating_point():
-                raise OcclabError(f"occlab-f3d expects integer labels (B,X,Y,Z), got {x.dtype}")
-            z = self.net.encode(x)
-            out = {"features": z, "logits": self.net.head(z)}
-            return tuple(out[k].float() for k in self.features_list)
-
-    _EXTRACTOR = F3DFeatures
-    return F3DFeatures
-
-
-_EXTRACTOR: type | None = None
+    return checkpoint_extractor(NAME, load_f3d, outputs)
 
 
 def register() -> str:
