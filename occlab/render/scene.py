@@ -221,9 +221,14 @@ def render_frame(labels: np.ndarray | Sequence, geometry: Geometry | str | None 
     try:
         plot_frame(plotter, f.labels[frame], f.geometry, camera, legend,
                    None if f.mask is None else f.mask[frame])
-        img = np.asarray(plotter.screenshot(return_img=True))[..., :3].copy()
+        return _screenshot(plotter, path)
     finally:
         plotter.close()
+
+
+def _screenshot(plotter: pv.Plotter, path: Path | None) -> np.ndarray:
+    """The plotter's image (H,W,3) uint8, also written as PNG when `path` is given."""
+    img = np.asarray(plotter.screenshot(return_img=True))[..., :3].copy()
     if path is not None:
         import imageio.v3 as iio
 
@@ -248,14 +253,9 @@ def render_side_by_side(frames: Seq[np.ndarray], titles: Seq[str], geometry: Geo
             plot_frame(plotter, labels, geometry, camera, legend if i == len(frames) - 1 else False, masks[i],
                        render=False)
             plotter.add_text(title, position="upper_left", font_size=12, color="black")
-        img = np.asarray(plotter.screenshot(return_img=True))[..., :3].copy()
+        return _screenshot(plotter, path)
     finally:
         plotter.close()
-    if path is not None:
-        import imageio.v3 as iio
-
-        iio.imwrite(path, img)
-    return img
 
 
 def render_sequence(data: Sequence | np.ndarray, geometry: Geometry | str | None = None,
