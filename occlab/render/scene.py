@@ -238,9 +238,11 @@ def _screenshot(plotter: pv.Plotter, path: Path | None) -> np.ndarray:
 
 def render_side_by_side(frames: Seq[np.ndarray], titles: Seq[str], geometry: Geometry | str | None = None,
                         camera: str = "oblique", out: str | os.PathLike | None = None,
-                        window_size: tuple[int, int] = (640, 480), masks: Seq[np.ndarray | None] | None = None
-                        ) -> np.ndarray:
-    """Frames (X,Y,Z) rendered with the same camera and one shared legend, side by side, titled; PNG if `out`."""
+                        window_size: tuple[int, int] = (640, 480), masks: Seq[np.ndarray | None] | None = None,
+                        ego: bool = True) -> np.ndarray:
+    """Frames (X,Y,Z) rendered with the same camera and one shared legend, side by side, titled; PNG if `out`.
+
+    `ego=False` for crops that are not centred on the ego (no ego marker)."""
     path = _output_path(out, IMAGE_SUFFIXES) if out is not None else None
     masks = list(masks) if masks is not None else [None] * len(frames)
     legend = present_classes(np.stack([np.asarray(f) for f in frames]))
@@ -251,7 +253,7 @@ def render_side_by_side(frames: Seq[np.ndarray], titles: Seq[str], geometry: Geo
             plotter.subplot(0, i)
             plotter.set_background(BACKGROUND)
             plot_frame(plotter, labels, geometry, camera, legend if i == len(frames) - 1 else False, masks[i],
-                       render=False)
+                       ego=ego, render=False)
             plotter.add_text(title, position="upper_left", font_size=12, color="black")
         return _screenshot(plotter, path)
     finally:

@@ -213,6 +213,9 @@ def reconstruction_figure(run_id: str, out, frame: int = 0, index: int = 0) -> n
     """Ground truth beside the reconstruction of one validation window (PyVista), visible voxels only."""
     from occlab.render.scene import render_side_by_side
 
+    from occlab.train.runs import find_run
+
     gt, pred, mask = reconstruct(run_id, index)
+    centred = find_run(run_id).config["data"].get("crop_mode", "center") == "center"
     return render_side_by_side([gt[frame], pred[frame]], [f"ground truth (t={frame})", "reconstruction"],
-                               "carlasc", masks=[mask[frame], mask[frame]], out=out)
+                               "carlasc", masks=[mask[frame], mask[frame]], out=out, ego=centred)
