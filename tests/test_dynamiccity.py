@@ -243,3 +243,19 @@ def test_overfits_one_sequence(encoder, decoder):
         opt.step()
     after = eval_ce()
     assert after < 0.5 * before, (before, after)
+
+
+def test_first_row_only_transformer_is_exact():
+    """The projection module's fast path (last block computes only the query row) equals the full run."""
+    from occlab.models.blocks import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(8, depth=2, heads=2, mlp_dim=16).eval()
+    x = torch.randn(5, 33, 8, requires_grad=True)
+    full = net(x)[:, :1]
+    fast = net(x, first_row_only=True)
+    assert fast.shape == (5, 1, 8)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    g_full, = torch.autograd.grad(full.square().sum(), x)
+    g_fast, = torch.autograd.grad(fast.square().sum(), x)
+    torch.testing.assert_close(g_fast, g_full, rtol=1e-5, atol=1e-6)

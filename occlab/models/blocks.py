@@ -67,10 +67,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, D)
+    def forward(self, x: torch.Tensor, first_row_only: bool = False) -> torch.Tensor:  # (N, L, D)
+        """Self-attention; `first_row_only` returns only token 0's output (N, 1, D), attending to all tokens."""
         q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.heads)  # (N, H, L, D/H)
+        if first_row_only:
+            q = q[:, :, :1]  # (N, H, 1, D/H)
         p = self.attn_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (N, H, L, D/H)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (N, H, L or 1, D/H)
         x = rearrange(x, "n h l d -> n l (h d)")  # (N, L, D)
         return self.proj_drop(self.proj(x))  # (N, L, D)
 
@@ -101,9 +104,10 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_dim, dropout=dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, D)
-        x = x + self.attn(self.norm1(x))  # (N, L, D)
-        return x + self.mlp(self.norm2(x))  # (N, L, D)
+    def forward(self, x: torch.Tensor, first_row_only: bool = False) -> torch.Tensor:  # (N, L, D)
+        """`first_row_only`: token 0's output only (N, 1, D): exact, it still attends to every token."""
+        x = (x[:, :1] if first_row_only else x) + self.attn(self.norm1(x), first_row_only)  # (N, L or 1, D)
+        return x + self.mlp(self.norm2(x))  # (N, L or 1, D)
 
 
 class Transformer(nn.Module):
@@ -117,15 +121,17 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(
             [TransformerBlock(dim, heads, mlp_dim, attn_dropout=attn_dropout, dropout=dropout) for _ in range(depth)])
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, D)
-        for block in self.blocks:
-            x = block(x)
-        return x  # (N, L, D)
+    def _run(self, x: torch.Tensor, first_row_only: bool) -> torch.Tensor:  # (N, L, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, first_row_only and i == len(self.blocks) - 1)
+        return x  # (N, L, D), or (N, 1, D) with first_row_only
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, D)
+    def forward(self, x: torch.Tensor, first_row_only: bool = False) -> torch.Tensor:  # (N, L, D)
+        """All outputs, or (`first_row_only`) token 0's alone: the last block then skips every other row's
+        query and MLP, which nothing reads (the projection module reads only its query token)."""
         if x.shape[0] <= self.max_batch:
-            return self._run(x)
-        return torch.cat([self._run(chunk) for chunk in x.split(self.max_batch)], dim=0)  # (N, L, D)
+            return self._run(x, first_row_only)
+        return torch.cat([self._run(chunk, first_row_only) for chunk in x.split(self.max_batch)], dim=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

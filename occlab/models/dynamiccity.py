@@ -196,7 +196,7 @@ class AxisReducer(nn.Module):
             tokens = rearrange(x, self.to_tokens)  # (B * kept, n, C), e.g. "xy": (B*X*Y, T*Z, C)
             query = self.query.expand(tokens.shape[0], -1, -1)  # (B * kept, 1, C)
             tokens = torch.cat([query, tokens], dim=1) + self.pos  # (B * kept, 1 + n, C)
-            h = self.head(self.transformer(tokens)[:, 0])  # (B * kept, C): the query token's output
+            h = self.head(self.transformer(tokens, first_row_only=True)[:, 0])  # (B * kept, C): the query's output
             return rearrange(h, f"(b {' '.join(self.kept)}) c -> b c {' '.join(self.kept)}", **self.kept_sizes)
         h = x.mean(dim=self.reduce_dims)  # (B, C, *kept)
         return self.head(h.movedim(1, -1)).movedim(-1, 1)  # (B, C, *kept)
