@@ -115,19 +115,11 @@ def _train_vae(args) -> int:
 
 
 def _eval_vae(args) -> int:
-    from occlab.data import make_dataset
-    from occlab import checkpoint
-    from occlab.train.config import DataConfig, from_dict
-    from occlab.train.runs import build_model
+    from occlab.train.runs import load_trained
     from occlab.train.trainer import evaluate
 
-    state = checkpoint.load(args.ckpt)
-    info = state["model_info"]
-    model = build_model(info["name"], info["config"])
-    model.load_state_dict(state["model"])
-    data = from_dict(DataConfig, state["data"])
-    dataset = make_dataset(data.dataset, data.data_root, args.split, **data.source_options(args.split))
-    metrics = evaluate(model, dataset, args.device, info["config"]["num_classes"]).to_dict()
+    model, num_classes, dataset = load_trained(args.ckpt, args.split)
+    metrics = evaluate(model, dataset, args.device, num_classes).to_dict()
     out = {"miou": metrics["miou"], "iou": metrics["iou"], "per_class": metrics["per_class"],
            "split": args.split, "windows": len(dataset)}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))

@@ -118,18 +118,10 @@ def mean_scene_baseline(data: DataConfig, num_classes: int = 11) -> dict:
 @torch.no_grad()
 def reconstruct(run_id: str, index: int = 0, split: str = "val"):
     """(ground truth, reconstruction, mask) numpy arrays (T, X, Y, Z) of one window by a cached run."""
-    from occlab.data import make_dataset
-    from occlab import checkpoint
-    from occlab.train.config import from_dict
-    from occlab.train.runs import build_model, find_run
+    from occlab.train.runs import find_run, load_trained
 
-    run = find_run(run_id)
-    state = checkpoint.load(run.path / "checkpoint.pt")
-    model = build_model(state["model_info"]["name"], state["model_info"]["config"])
-    model.load_state_dict(state["model"])
-    model.eval()
-    data = from_dict(DataConfig, state["data"])
-    item = make_dataset(data.dataset, data.data_root, split, **data.source_options(split))[index]
+    model, _, dataset = load_trained(find_run(run_id).path / "checkpoint.pt", split)
+    item = dataset[index]
     pred = model(item["labels"][None].long())["logits"].argmax(1)[0]
     return item["labels"].numpy(), pred.to(torch.uint8).numpy(), item["mask"].numpy()
 

@@ -64,6 +64,20 @@ def build_model(name: str, config_dict: dict):
     return model_cls(from_dict(cfg_cls, config_dict))
 
 
+def load_trained(ckpt: str | os.PathLike, split: str = "val"):
+    """(model in eval mode, its num_classes, the windows of `split`) from a trainer checkpoint."""
+    from occlab import checkpoint
+    from occlab.data import make_dataset
+
+    state = checkpoint.load(ckpt)
+    info = state["model_info"]
+    model = build_model(info["name"], info["config"])
+    model.load_state_dict(state["model"])
+    data = from_dict(DataConfig, state["data"])
+    dataset = make_dataset(data.dataset, data.data_root, split, **data.source_options(split))
+    return model.eval(), info["config"]["num_classes"], dataset
+
+
 @dataclass
 class Run:
     """A run folder of the cache: its id, path and (when finished) metrics."""
