@@ -74,7 +74,6 @@ def dynamiccity_setup(preset: str, dataset: str = "synthetic_town", data_root: s
 def run_grid(variants: list[dict], preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
              device: str = "cpu", seeds: tuple[int, ...] | None = None, progress: bool = True) -> pd.DataFrame:
     """Train (or reuse) DynamicCity for every variant x seed; one row per run with its metrics and cost."""
-    from occlab.models import dynamiccity_info
     from occlab.train.runs import train_or_load
 
     rows = []
@@ -85,7 +84,7 @@ def run_grid(variants: list[dict], preset: str, dataset: str = "synthetic_town",
             m = run.metrics
             rows.append({**{k: _show(v) for k, v in variant.items()}, "seed": seed, "miou": m["val"]["miou"],
                          "iou": m["val"]["iou"], "s_per_iter": m["s_per_iter"], "peak_mem_gib": m["peak_mem_gib"],
-                         "params": m["params"], "cr": dynamiccity_info(model)["compression_ratio"],
+                         "params": m["params"], "cr": model.compression_ratio(),
                          "run_id": run.id})
     return pd.DataFrame(rows)
 
@@ -159,13 +158,13 @@ def vae_structure(preset: str, dataset: str = "synthetic_town", data_root: str |
 def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
                  device: str = "cpu", seeds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """DynamicCity Tab. 4: the four rate settings -> C.R. (ours and at the paper's CarlaSC size), mIoU, cost."""
-    from occlab.models import dynamiccity_info, dynamiccity_paper
+    from occlab.models import dynamiccity_paper
     from occlab.report.tables import beside, paper_table
 
     runs = run_grid([{"rates": r} for r in RATES], preset, dataset, data_root, device, seeds)
     table = summarize(runs, ["rates"], metrics=("miou", "iou", "cr", "s_per_iter", "peak_mem_gib"))
-    table["cr_carlasc_t16"] = [dynamiccity_info(dynamiccity_paper(rates=tuple(map(int, r.split(",")))))
-                               ["compression_ratio"] for r in table["rates"]]
+    table["cr_carlasc_t16"] = [dynamiccity_paper(rates=tuple(map(int, r.split(",")))).compression_ratio()
+                               for r in table["rates"]]
     paper = paper_table("dynamiccity_t4_downsampling")
     paper["rates"] = paper[["d_t", "d_x", "d_y", "d_z"]].astype(str).agg(",".join, axis=1)
     table = beside(table, paper, ["rates"], {"carlasc_cr": "CarlaSC C.R.", "carlasc_miou": "CarlaSC mIoU (%)",
