@@ -42,3 +42,19 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise OcclabError(f"{path}: not a readable occlab checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_network(kind: str, version: int | str, model: torch.nn.Module, path: str | os.PathLike,
+                 meta: dict | None = None) -> Path:
+    """A small network's checkpoint (kind, version, its `config` dict, weights, meta), written atomically."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_atomic({"kind": kind, "version": version, "config": model.config, "state_dict": state,
+                        "meta": meta or {}}, path)
+
+
+def load_network(kind: str, path: str | os.PathLike) -> dict:
+    """A checkpoint written by save_network, checked to be of `kind`."""
+    ckpt = load(path)
+    if ckpt.get("kind") != kind:
+        raise OcclabError(f"{path}: not an occlab {kind} checkpoint (kind {ckpt.get('kind')!r})")
+    return ckpt

@@ -170,20 +170,16 @@ class F2DNet(nn.Module):
 
 def save_f2d(model: F2DNet, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write an f2d checkpoint (config, weights, meta) atomically."""
-    from occlab.checkpoint import save_atomic
+    from occlab.checkpoint import save_network
 
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_atomic({"kind": "f2d", "version": VERSION, "config": model.config, "state_dict": state,
-                        "meta": meta or {}}, path)
+    return save_network("f2d", VERSION, model, path, meta)
 
 
 def load_f2d(path: str | os.PathLike, device: str | torch.device = "cpu") -> F2DNet:
     """A checkpoint written by save_f2d, in eval mode."""
-    from occlab.checkpoint import load
+    from occlab.checkpoint import load_network
 
-    ckpt = load(path)
-    if ckpt.get("kind") != "f2d":
-        raise OcclabError(f"{path}: not an occlab f2d checkpoint (kind {ckpt.get('kind')!r})")
+    ckpt = load_network("f2d", path)
     model = F2DNet(ckpt["config"]["num_attributes"], tuple(ckpt["config"]["widths"]))
     model.load_state_dict(ckpt["state_dict"])
     model.meta = ckpt.get("meta", {})

@@ -214,21 +214,17 @@ class F3DNet(nn.Module):
 
 
 def save_f3d(model: F3DNet, path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write a checkpoint (config, weights, meta) atomically."""
-    from occlab.checkpoint import save_atomic
+    """Write an f3d checkpoint (config, weights, meta) atomically."""
+    from occlab.checkpoint import save_network
 
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_atomic({"kind": "f3d", "version": VERSION, "config": model.config, "state_dict": state,
-                        "meta": meta or {}}, path)
+    return save_network("f3d", VERSION, model, path, meta)
 
 
 def load_f3d(path: str | os.PathLike, device: str | torch.device = "cpu") -> F3DNet:
     """A checkpoint written by save_f3d, in eval mode."""
-    from occlab.checkpoint import load
+    from occlab.checkpoint import load_network
 
-    ckpt = load(path)
-    if ckpt.get("kind") != "f3d":
-        raise OcclabError(f"{path}: not an occlab f3d checkpoint (kind {ckpt.get('kind')!r})")
+    ckpt = load_network("f3d", path)
     c = ckpt["config"]
     model = F3DNet(tuple(c["grid"]), c["num_classes"], c["num_attributes"], tuple(c["widths"]), c["features"],
                    c.get("probe", True))
