@@ -90,7 +90,7 @@ def _parse_rates(text: str) -> tuple[int, ...]:
 
 def _train_vae(args) -> int:
     from occlab.studies.vae import dynamiccity_setup
-    from occlab.train.runs import model_spec, run_key, runs_dir
+    from occlab.train.runs import build_model, model_spec, run_key, runs_dir
     from occlab.train.trainer import train
 
     if args.model != "dynamiccity":
@@ -104,7 +104,6 @@ def _train_vae(args) -> int:
             setattr(train_cfg, key, getattr(args, key))
     if args.frames is not None:
         cfg.frames = data.frames = args.frames
-    from occlab.train.runs import build_model
 
     spec = model_spec(args.model, cfg)
     out = args.out or runs_dir() / run_key(spec, data, train_cfg)
