@@ -57,3 +57,12 @@ def test_occupancy_loss_parts_and_gradients():
     assert parts["loss"].item() == pytest.approx(expected.item())
     parts["loss"].backward()
     assert logits.grad.abs().sum() > 0 and mu["xy"].grad.abs().sum() > 0
+
+
+def test_plain_autoencoder_has_no_kl():
+    """A DynamicCity with vae=False returns its planes as mu and no logvar: the loss skips the KL term."""
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    labels = torch.tensor([[[0, 1], [2, 1]]])
+    parts = OccupancyLoss(kl=0.005)({"logits": logits, "mu": {"xy": torch.ones(1, 2, 2)}, "logvar": None}, labels)
+    assert "kl" not in parts
+    assert parts["loss"].item() == pytest.approx((parts["ce"] + parts["lovasz"]).item())

@@ -66,7 +66,7 @@ class OccupancyLoss(nn.Module):
             flat = logits.movedim(1, -1).reshape(-1, logits.shape[1])
             parts["lovasz"] = lovasz_softmax(flat.softmax(-1), target.reshape(-1), self.ignore_index)
         loss = self.ce * parts["ce"] + self.lovasz * parts.get("lovasz", 0.0)
-        if out.get("mu") is not None and self.kl:
+        if out.get("logvar") is not None and self.kl:  # a plain autoencoder has mu but no logvar
             mu, logvar = out["mu"], out["logvar"]
             parts["kl"] = kl_divergence(list(mu.values()), list(logvar.values()))
             loss = loss + self.kl * parts["kl"]
