@@ -12,6 +12,11 @@ from einops import rearrange
 LEAKY_SLOPE = 0.1
 
 
+def count_parameters(module: nn.Module | None) -> int:
+    """Number of parameters (trainable or not; buffers are not counted); 0 for None."""
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3D convolution blocks
 # ---------------------------------------------------------------------------------------------------------

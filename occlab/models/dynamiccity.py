@@ -31,7 +31,7 @@ from occlab import planes as P
 from occlab.classes import NUM_CLASSES_CARLASC
 from occlab.errors import OcclabError
 from occlab.models.blocks import (LEAKY_SLOPE, DownBlock3d, GaussianHead, GridPositionalEncoding, ResidualBlock3d,
-                                  Transformer)
+                                  Transformer, count_parameters)
 
 AXES = P.HEXPLANE_AXES  # "txyz"
 PLANES = P.axis_pairs(AXES)  # ["tx", "ty", "tz", "xy", "xz", "yz"]
@@ -423,10 +423,6 @@ class DynamicCity(nn.Module):
         return {"logits": self.decode(enc["planes"]), **enc}
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (trainable or not)."""
-    return sum(p.numel() for p in module.parameters())
-
 
 def model_info(config: DynamicCityConfig) -> dict:
     """Parameter counts, plane shapes (name -> [C, a, b]) and compression ratio."""
@@ -447,4 +443,4 @@ def model_info(config: DynamicCityConfig) -> dict:
 
 
 __all__ = ["DynamicCity", "DynamicCityConfig", "PRESETS", "RELEASED_PARAMS_CARLASC", "dynamiccity_paper",
-           "dynamiccity_small", "dynamiccity_tiny", "model_info", "count_parameters"]
+           "dynamiccity_small", "dynamiccity_tiny", "model_info"]
