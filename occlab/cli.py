@@ -8,6 +8,7 @@ import sys
 from occlab.errors import OcclabError
 
 PRESETS = ("smoke", "study", "paper")
+VAE_MODELS = ("dynamiccity", "sep4d", "occsora")  # = occlab.models.MODELS (tested), listed here so --help stays light
 CAMERAS = ("oblique", "bev", "ego")
 
 
@@ -89,21 +90,17 @@ def _parse_rates(text: str) -> tuple[int, ...]:
 
 
 def _train_vae(args) -> int:
-    from occlab.studies.vae import dynamiccity_setup
+    from occlab.studies.vae import vae_setup
     from occlab.train.runs import build_model, model_spec, run_key, runs_dir
     from occlab.train.trainer import train
 
-    if args.model != "dynamiccity":
-        raise OcclabError(f"model {args.model!r} is not available yet; expected dynamiccity")
-    model_kw = {k: v for k, v in (("rates", args.rates), ("encoder", args.encoder), ("decoder", args.decoder),
-                                  ("expansion", args.expansion)) if v is not None}
-    cfg, data, train_cfg = dynamiccity_setup(args.preset, args.dataset, args.data_root, args.device, args.seed,
-                                             geometry=args.geometry, **model_kw)
+    model_kw = {k: getattr(args, k) for k in ("rates", "encoder", "decoder", "expansion", "fusion")
+                if getattr(args, k) is not None}
+    cfg, data, train_cfg = vae_setup(args.model, args.preset, args.dataset, args.data_root, args.device, args.seed,
+                                     geometry=args.geometry, frames=args.frames, **model_kw)
     for key in ("steps", "precision", "kl_weight", "batch_size", "threads", "lr"):
         if getattr(args, key) is not None:
             setattr(train_cfg, key, getattr(args, key))
-    if args.frames is not None:
-        cfg.frames = data.frames = args.frames
 
     spec = model_spec(args.model, cfg)
     out = args.out or runs_dir() / run_key(spec, data, train_cfg)
@@ -149,11 +146,13 @@ def _train_features(args) -> int:
 
 def _model_info(args) -> int:
     from occlab.data import get_geometry
-    from occlab.models import dynamiccity_info, dynamiccity_paper
+    from occlab.models import MODELS
 
     grid = get_geometry(args.geometry).grid
     num_classes = 12 if args.geometry == "occ3d" else 11
-    info = dynamiccity_info(dynamiccity_paper(grid, args.frames, rates=args.rates, num_classes=num_classes))
+    entry = MODELS[args.name]
+    kw = {"rates": args.rates} if args.rates is not None else {}
+    info = entry.info(entry.presets["paper"](grid, args.frames, num_classes=num_classes, **kw))
     print(json.dumps(info) if args.json else json.dumps(info, indent=2))
     return 0
 
@@ -213,7 +212,7 @@ def build_parser() -> Parser:
     tr = sub.add_parser("train", help="train a model (runs resume from their checkpoint)")
     tsub = tr.add_subparsers(dest="train_command", required=True, parser_class=Parser)
     tv = tsub.add_parser("vae", help="train an occupancy VAE with the shared trainer")
-    tv.add_argument("--model", default="dynamiccity")
+    tv.add_argument("--model", choices=VAE_MODELS, default="dynamiccity")
     tv.add_argument("--preset", choices=PRESETS, default="smoke")
     tv.add_argument("--dataset", default="synthetic_town")
     tv.add_argument("--data-root", default=None)
@@ -223,8 +222,9 @@ def build_parser() -> Parser:
     tv.add_argument("--seed", type=int, default=0)
     tv.add_argument("--frames", type=int, default=None)
     tv.add_argument("--rates", type=_parse_rates, default=None, help="dT,dX,dY,dZ each in 1,2,4")
-    tv.add_argument("--encoder", choices=["projection", "avgpool"], default=None)
-    tv.add_argument("--decoder", choices=["ess", "query"], default=None)
+    tv.add_argument("--encoder", default=None, help="dynamiccity: projection|avgpool; sep4d: planar|conv3d_se")
+    tv.add_argument("--decoder", default=None, help="dynamiccity: ess|query")
+    tv.add_argument("--fusion", default=None, help="sep4d: sep|concat|conv|average|dynamic")
     tv.add_argument("--expansion", choices=["hadamard", "sum"], default=None)
     tv.add_argument("--steps", type=int, default=None)
     tv.add_argument("--batch-size", type=int, default=None)
@@ -249,10 +249,10 @@ def build_parser() -> Parser:
     mi = sub.add_parser("model", help="model facts")
     msub = mi.add_subparsers(dest="model_command", required=True, parser_class=Parser)
     info = msub.add_parser("info", help="parameters, plane shapes and compression ratio")
-    info.add_argument("name", choices=["dynamiccity"])
+    info.add_argument("name", choices=VAE_MODELS)
     info.add_argument("--geometry", choices=["carlasc", "occ3d"], default="carlasc")
     info.add_argument("--frames", type=int, default=16)
-    info.add_argument("--rates", type=_parse_rates, default=(2, 2, 2, 2))
+    info.add_argument("--rates", type=_parse_rates, default=None, help="dynamiccity, sep4d (default 2,2,2,2)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_model_info)
 

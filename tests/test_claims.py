@@ -52,3 +52,11 @@ def test_tolerance_and_the_baseline_floor():
     trivial = {"1,1,1,1": {"miou": 0.058}, "1,2,2,1": {"miou": 0.012}}
     res = {c["id"]: c for c in evaluate_claims("04_downsampling", trivial, "study", floor={"miou": 0.057})}
     assert res["dc-t4-miou-1-2"]["holds"] == "inconclusive" and "baseline" in res["dc-t4-miou-1-2"]["note"]
+
+
+def test_a_claim_whose_variants_were_not_run_says_so():
+    res = {c["id"]: c for c in evaluate_claims("01_reconstruction", {"sep4d/4": {"miou": 0.3}}, "study")}
+    assert res["sep-t1-length-sep4d"]["holds"] == "inconclusive"
+    assert res["sep-t1-length-sep4d"]["note"] == "not run at this preset"
+    smoke = {c["id"]: c for c in evaluate_claims("01_reconstruction", {"sep4d/4": {"miou": 0.3}}, "smoke")}
+    assert {c["holds"] for c in smoke.values()} == {"smoke"}

@@ -43,6 +43,7 @@ class ReconMetrics:
     per_class: dict[str, float]
     counted: int
     averaged: tuple[str, ...] = field(default=())  # the classes that entered the mIoU mean
+    codebook: dict | None = None  # a VQ model's code use over the same windows: perplexity, dead_codes, used
 
     def to_dict(self) -> dict:
         """JSON-friendly dict: NaN becomes None."""

@@ -52,42 +52,66 @@ def preset_size(preset: str) -> PresetSize:
     return SIZES[preset]
 
 
-def dynamiccity_setup(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
-                      device: str = "cpu", seed: int = 0, geometry: str = "carlasc", **model_kw):
-    """(DynamicCityConfig, DataConfig, TrainConfig) of DynamicCity at a preset; model_kw override the config."""
-    from occlab.data import get_geometry
-    from occlab.models import DYNAMICCITY_PRESETS
+# What a model needs beyond the shared defaults: config overrides below the paper preset, training overrides
+MODEL_KW = {"dynamiccity": {"attn_dropout": 0.0}}  # released 0.1 forces PyTorch's O(L^2) CPU attention
+TRAIN_KW = {"occsora": {"ce_weight": 10.0, "class_weighted": False}}  # OccSora: unweighted CE x 10 + Lovász + VQ
 
+
+def vae_setup(model: str, preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
+              device: str = "cpu", seed: int = 0, geometry: str = "carlasc", frames: int | None = None, **model_kw):
+    """(model config, DataConfig, TrainConfig) of a registered 4D VAE at a preset; model_kw override the config."""
+    from occlab.data import get_geometry
+    from occlab.models import MODELS
+
+    if model not in MODELS:
+        raise OcclabError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
     size = preset_size(preset)
     grid = size.crop or get_geometry(geometry).grid
+    frames = frames or size.frames
     num_classes = 12 if dataset in ("occ3d_nuscenes", "occ3d_waymo") else 11
-    if preset != "paper":  # the released 0.1 forces PyTorch's O(L^2) CPU attention: 4x slower at rates 1,1,1,1
-        model_kw = {"attn_dropout": 0.0, **model_kw}
-    model = DYNAMICCITY_PRESETS[size.widths](grid, size.frames, num_classes=num_classes, **model_kw)
-    data = DataConfig(dataset, data_root, geometry, size.frames, size.crop, size.crop_mode,
+    if preset != "paper":
+        model_kw = {**MODEL_KW.get(model, {}), **model_kw}
+    config = MODELS[model].presets[size.widths](grid, frames, num_classes=num_classes, **model_kw)
+    data = DataConfig(dataset, data_root, geometry, frames, size.crop, size.crop_mode,
                       size.train_sequences, size.val_sequences)
     precision = size.precision if device.startswith("cuda") else "fp32"
     train = TrainConfig(steps=size.steps, lr=size.lr, precision=precision, seed=seed, device=device,
-                        ckpt_every=max(size.steps // 4, 10))
-    return model, data, train
+                        ckpt_every=max(size.steps // 4, 10), **TRAIN_KW.get(model, {}))
+    return config, data, train
+
+
+def dynamiccity_setup(preset: str, *args, **kw):
+    """`vae_setup` of DynamicCity."""
+    return vae_setup("dynamiccity", preset, *args, **kw)
 
 
 def run_grid(variants: list[dict], preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
              device: str = "cpu", seeds: tuple[int, ...] | None = None, progress: bool = True) -> pd.DataFrame:
-    """Train (or reuse) DynamicCity for every variant x seed; one row per run with its metrics and cost."""
+    """Train (or reuse) every variant x seed; one row per run with its metrics and cost.
+
+    A variant is a dict of config overrides, plus optionally `model` (default DynamicCity) and `frames`.
+    """
     from occlab.train.runs import train_or_load
 
     rows = []
     for variant in variants:
+        name = variant.get("model", "dynamiccity")
+        overrides = {k: v for k, v in variant.items() if k != "model"}
         for seed in seeds if seeds is not None else preset_size(preset).seeds:
-            model, data, train = dynamiccity_setup(preset, dataset, data_root, device, seed, **variant)
-            run = train_or_load("dynamiccity", model, data, train, progress=progress)
+            config, data, train = vae_setup(name, preset, dataset, data_root, device, seed, **overrides)
+            run = train_or_load(name, config, data, train, progress=progress)
             m = run.metrics
             rows.append({**{k: _show(v) for k, v in variant.items()}, "seed": seed, "miou": m["val"]["miou"],
                          "iou": m["val"]["iou"], "s_per_iter": m["s_per_iter"], "peak_mem_gib": m["peak_mem_gib"],
-                         "params": m["params"], "cr": model.compression_ratio(),
-                         "run_id": run.id})
+                         "params": m["params"], "cr": config.compression_ratio(), "wall_s": m["wall_s"],
+                         "run_id": run.id, **_per_class(m["val"])})
     return pd.DataFrame(rows)
+
+
+def _per_class(val: dict) -> dict:
+    """Per-class IoU columns ("iou_road", ...) of a run's validation metrics, and a VQ model's code use."""
+    codes = {f"codebook_{k}": v for k, v in (val.get("codebook") or {}).items()}
+    return {**{f"iou_{k}": v for k, v in (val.get("per_class") or {}).items()}, **codes}
 
 
 def summarize(df: pd.DataFrame, keys: list[str], metrics=("miou", "iou", "s_per_iter", "peak_mem_gib")) -> pd.DataFrame:
@@ -131,7 +155,7 @@ def _show(value):
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
 
 
-__all__ = ["PRESETS", "SIZES", "dynamiccity_setup", "mean_scene_baseline", "preset_size", "reconstruct",
+__all__ = ["PRESETS", "SIZES", "dynamiccity_setup", "vae_setup", "mean_scene_baseline", "preset_size", "reconstruct",
            "run_grid", "summarize"]
 
 
@@ -175,15 +199,17 @@ def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | 
 
 
 def claims(runs: pd.DataFrame, notebook: str, preset: str, min_spread: dict | None = None,
-           baseline: dict | None = None) -> list[dict]:
+           baseline: dict | None = None, keys: list[str] | None = None) -> list[dict]:
     """Verdicts of the claims a notebook owns (occlab.report.claims), from its runs (variants x seeds).
 
     `min_spread` ({metric: std}) floors the seed-to-seed spread, for notebooks that can afford only one seed;
     `baseline` (the mean-scene baseline's {miou, iou}) marks mIoU claims between untrained-looking models.
+    `keys`: the columns naming a variant, joined by "/" as the claims name them (default: rates, or
+    encoder/decoder).
     """
     from occlab.report.claims import evaluate_claims
 
-    keys = ["rates"] if "rates" in runs else ["encoder", "decoder"]
+    keys = keys or (["rates"] if "rates" in runs else ["encoder", "decoder"])
     metrics = ("miou", "iou", "cr", "s_per_iter", "peak_mem_gib")
     table = summarize(runs, keys, metrics=metrics)
     for metric, floor in (min_spread or {}).items():

@@ -117,16 +117,24 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, num_classes:
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
+    codes = []  # a VQ model's code indices (OccSora), for its codebook use
     n = len(dataset) if batches is None else min(batches, len(dataset))
     for i in range(dist.rank, n, dist.world):
         item = dataset[i]
         labels = item["labels"][None].to(device).long()
         with autocast(device, precision):
-            logits = model(model_input(labels))["logits"]
-        cm.update(logits.argmax(1), labels, item["mask"][None].to(device))
+            out = model(model_input(labels))
+        cm.update(out["logits"].argmax(1), labels, item["mask"][None].to(device))
+        if out.get("indices") is not None:
+            codes.append(out["indices"].reshape(-1))
     cm.all_reduce()
     model.train(was_training)
-    return cm.compute()
+    metrics = cm.compute()
+    if codes:
+        from occlab.models.occsora import codebook_usage
+
+        metrics.codebook = codebook_usage(torch.cat(codes), model.config.codebook_size)
+    return metrics
 
 
 def _scheduler(optimizer, cfg: TrainConfig):
