@@ -157,6 +157,24 @@ def _model_info(args) -> int:
     return 0
 
 
+def _claims(args) -> int:
+    from pathlib import Path
+
+    from occlab.report.claims import ledger
+
+    if not Path(args.report).is_dir():
+        raise OcclabError(f"no report folder {args.report}; run `occlab reproduce --out {args.report}` first")
+    led = ledger(args.report)
+    if args.json:
+        print(json.dumps(led))
+        return 0
+    for c in led["claims"]:
+        print(f"{c['holds']:>12}  {c['id']}: {c['statement']}")
+    print(f"held {led['held']}, failed {led['failed']}, inconclusive {led['inconclusive']}, smoke {led['smoke']}, "
+          f"not run {led['not_run']} (preset {led['preset']})")
+    return 0
+
+
 def build_parser() -> Parser:
     """The whole command tree."""
     p = Parser(prog="occlab", description="4D semantic-occupancy study kit: data, viewing, reproduction.")
@@ -245,6 +263,11 @@ def build_parser() -> Parser:
         tf.add_argument("--out", default=None)
         tf.add_argument("--force", action="store_true", help="retrain even when a cached network exists")
         tf.set_defaults(func=_train_features, kind=kind)
+
+    cl = sub.add_parser("claims", help="the claims ledger of a report: which of the papers' orderings held")
+    cl.add_argument("--report", default="reports", help="a folder written by `occlab reproduce`")
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=_claims)
 
     mi = sub.add_parser("model", help="model facts")
     msub = mi.add_subparsers(dest="model_command", required=True, parser_class=Parser)

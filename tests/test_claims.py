@@ -3,7 +3,7 @@ import math
 
 import pandas as pd
 
-from occlab.report.claims import CLAIMS, evaluate_claims, verdict
+from occlab.report.claims import CLAIMS, evaluate_claims, verdict, write_claims
 from occlab.studies.vae import claims
 
 
@@ -60,3 +60,32 @@ def test_a_claim_whose_variants_were_not_run_says_so():
     assert res["sep-t1-length-sep4d"]["note"] == "not run at this preset"
     smoke = {c["id"]: c for c in evaluate_claims("01_reconstruction", {"sep4d/4": {"miou": 0.3}}, "smoke")}
     assert {c["holds"] for c in smoke.values()} == {"smoke"}
+
+
+def test_every_claim_is_owned_by_one_existing_notebook():
+    from pathlib import Path
+
+    notebooks = {p.stem for p in (Path(__file__).parents[1] / "notebooks").glob("*.ipynb")}
+    assert len(CLAIMS) >= 21 and {c.notebook for c in CLAIMS} <= notebooks
+
+
+def test_the_ledger_lists_claims_without_output_as_not_run(tmp_path, capsys):
+    import json
+
+    from occlab.cli import main
+    from occlab.report.claims import ledger
+    from occlab.report.html import write_index
+
+    (tmp_path / "04_downsampling").mkdir()
+    write_claims(tmp_path / "04_downsampling", evaluate_claims("04_downsampling", {
+        "1,1,1,1": {"miou": 0.5, "cr": 5.0, "peak_mem_gib": 2.0}, "1,2,2,1": {"miou": 0.3},
+        "2,4,4,2": {"cr": 70.0, "peak_mem_gib": 1.0}}, "study"))
+    led = ledger(tmp_path)
+    by_id = {c["id"]: c for c in led["claims"]}
+    assert by_id["dc-t4-miou-1-2"]["holds"] == "yes" and by_id["dc-t4-cr"]["holds"] == "yes"
+    assert by_id["dc-t3-ess-miou"]["holds"] == "not run" and led["not_run"] == len(CLAIMS) - 5
+    assert led["held"] + led["failed"] + led["inconclusive"] + led["smoke"] + led["not_run"] == len(CLAIMS)
+    assert main(["claims", "--report", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["held"] == led["held"]
+    page = write_index(tmp_path, {"preset": "study", "notebooks": []}).read_text()
+    assert "Claims ledger" in page and "mIoU falls from rates 1,1,1,1 to 1,2,2,1" in page

@@ -126,4 +126,27 @@ def write_claims(out_dir: str | Path, claims: list[dict]) -> Path:
     return path
 
 
-__all__ = ["CLAIMS", "Claim", "asdict", "evaluate_claims", "verdict", "write_claims"]
+def ledger(report_dir: str | Path) -> dict:
+    """Every claim with the verdict its notebook wrote under `report_dir` ("not run" where there is none).
+
+    {"claims": [...], "held": N, "failed": N, "inconclusive": N, "smoke": N, "not_run": N, "preset": ...}
+    """
+    report = Path(report_dir)
+    written: dict[str, dict] = {}
+    for c in {c.notebook for c in CLAIMS}:
+        path = report / c / "claims.json"
+        if path.is_file():
+            written.update({v["id"]: {**v, "notebook": c} for v in json.loads(path.read_text())})
+    rows = [written.get(c.id) or {"id": c.id, "statement": c.statement, "paper": c.paper, "metric": c.metric,
+                                  "paper_values": c.paper_values, "ours": None, "holds": "not run", "margin": None,
+                                  "spread": None, "note": "", "seeds": 0, "run_ids": [], "notebook": c.notebook}
+            for c in CLAIMS]
+    count = {h: sum(r["holds"] == h for r in rows) for h in ("yes", "no", "inconclusive", "smoke", "not run")}
+    presets = sorted({r["preset"] for r in rows if r.get("preset")})
+    index = report / "index.json"
+    preset = json.loads(index.read_text()).get("preset") if index.is_file() else ", ".join(presets) or None
+    return {"claims": rows, "held": count["yes"], "failed": count["no"], "inconclusive": count["inconclusive"],
+            "smoke": count["smoke"], "not_run": count["not run"], "preset": preset}
+
+
+__all__ = ["CLAIMS", "Claim", "asdict", "evaluate_claims", "ledger", "verdict", "write_claims"]

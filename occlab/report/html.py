@@ -36,6 +36,8 @@ th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 table.meta td, table.meta th { text-align: left; }
 .ok { color: #fff; background: #2e7d32; } .failed { color: #fff; background: #c62828; }
 .pending { color: #fff; background: #888; }
+.yes { color: #fff; background: #2e7d32; } .no { color: #fff; background: #c62828; }
+.inconclusive { color: #222; background: #f2c94c; } .smoke, .not-run { color: #fff; background: #888; }
 .status { padding: .05rem .5rem; border-radius: .6rem; font-size: .85rem; font-weight: 600; }
 pre.error { background: #fdecea; border-left: 4px solid #c62828; padding: .6rem; white-space: pre-wrap; }
 .scroll { overflow-x: auto; max-height: 28rem; overflow-y: auto; }
@@ -80,7 +82,7 @@ def write_index(out_dir: str | os.PathLike, results: Any) -> Path:
     out = Path(out_dir)
     data: Mapping[str, Any] = results.to_dict() if hasattr(results, "to_dict") else results
     notebooks = data.get("notebooks", [])
-    parts = [_header(data), _summary(notebooks)] + [_notebook_section(out, nb) for nb in notebooks]
+    parts = [_header(data), _summary(notebooks), _ledger(out)] + [_notebook_section(out, nb) for nb in notebooks]
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{_e(_title(data))}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             + "\n".join(parts) + "\n</body>\n</html>\n")
@@ -115,6 +117,35 @@ def _summary(notebooks: list[Mapping[str, Any]]) -> str:
                     f"<td>{links or '<span class=muted>none</span>'}</td></tr>")
     head = "<tr><th>notebook</th><th>status</th><th>time</th><th>output</th></tr>"
     return f"<h2>Notebooks</h2>\n<table>{head}{''.join(rows)}</table>"
+
+
+def _ledger(out: Path) -> str:
+    """The claims ledger: one row per claim of the papers, its verdict coloured, the paper's numbers beside ours."""
+    from occlab.report.claims import ledger
+
+    led = ledger(out)
+    rows = []
+    for c in led["claims"]:
+        ours = " vs ".join(_number(v) for v in c["ours"]) if c.get("ours") else ""
+        paper = " vs ".join(_number(v) for v in c["paper_values"]) if c.get("paper_values") else ""
+        runs = " ".join(c.get("run_ids") or [])
+        rows.append(f"<tr><td>{_e(c['statement'])}</td><td>{_e(c['paper'])}</td><td>{_e(paper)}</td>"
+                    f"<td>{_e(ours)}</td><td>{_e(_number(c.get('margin')))}</td>"
+                    f"<td><span class=\"status {_e(c['holds']).replace(' ', '-')}\">{_e(c['holds'])}</span></td>"
+                    f"<td><a href=\"#{_anchor(c['notebook'])}\">{_e(c['notebook'])}</a></td>"
+                    f"<td class=\"muted\">{_e(c.get('note', ''))} {_e(runs)}</td></tr>")
+    head = ("<tr><th>claim</th><th>paper</th><th>paper's numbers</th><th>ours</th><th>margin</th><th>holds</th>"
+            "<th>notebook</th><th>note · runs</th></tr>")
+    summary = (f"held {led['held']} · failed {led['failed']} · inconclusive {led['inconclusive']} · "
+               f"smoke {led['smoke']} · not run {led['not_run']}")
+    return (f"<h2 id=\"claims\">Claims ledger</h2>\n<p class=\"muted\">{_e(summary)}. A claim holds when our margin in "
+            "the paper's direction exceeds the seed-to-seed spread; smoke verdicts are never evidence.</p>\n"
+            f"<div class=\"scroll\"><table>{head}{''.join(rows)}</table></div>")
+
+
+def _number(value: Any) -> str:
+    """A short form of a number in the ledger ('' for none)."""
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _notebook_section(out: Path, nb: Mapping[str, Any]) -> str:

@@ -57,9 +57,9 @@ class OccupancyLoss(nn.Module):
         self.ce, self.lovasz, self.kl, self.ignore_index = ce, lovasz, kl, ignore_index
 
     def forward(self, out: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """out: the model's dict (logits (B, C, ...), optional mu/logvar dicts, optional vq_loss)."""
+        """out: the model's dict (logits (B, C, ...), optional targets (B, ...) for them, mu/logvar dicts, vq_loss)."""
         logits = out["logits"].float()
-        target = labels.long()
+        target = out.get("targets", labels).long()  # a query-sampling model (X-Scene) scores its own points
         parts = {"ce": F.cross_entropy(logits, target, weight=self.weights if self.weights.numel() else None,
                                        ignore_index=self.ignore_index)}
         if self.lovasz:
