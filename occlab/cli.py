@@ -8,7 +8,7 @@ import sys
 from occlab.errors import OcclabError
 
 PRESETS = ("smoke", "study", "paper")
-VAE_MODELS = ("dynamiccity", "sep4d", "occsora")  # = occlab.models.MODELS (tested), listed here so --help stays light
+VAE_MODELS = ("dynamiccity", "sep4d", "occsora", "xscene")  # = occlab.models.MODELS (tested); --help stays light
 CAMERAS = ("oblique", "bev", "ego")
 
 

@@ -235,6 +235,13 @@ def test_padding_is_dropped_and_restored_as_zeros(kind):
     assert all(torch.allclose(planes_out[n], lay.from_map(out)[n], atol=1e-6) for n in planes_out)
 
 
+def test_padding_stays_zero_when_its_patches_are_kept():
+    model = perturb(tiny_model(drop_padding=False)).eval()
+    lay = model.layout
+    out = model(torch.randn(2, 4, *lay.map_shape), torch.tensor([10, 500]))
+    assert model.num_tokens == lay.num_patches and (out[..., ~lay.cell_mask] == 0).all()
+
+
 @pytest.mark.parametrize("spatial", D.SPATIAL_COND)
 def test_conditions_drop_and_null(spatial):
     model = perturb(tiny_model(spatial_cond=spatial, **ALL_CONDS)).eval()

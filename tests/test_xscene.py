@@ -284,3 +284,90 @@ def test_short_training_run_lowers_the_loss(decoder):
         opt.step()
     after = eval_ce()
     assert after < 0.5 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# windows (B, T, X, Y, Z): the shared trainer's path
+# ---------------------------------------------------------------------------------------------------------
+
+def test_static_window_eval_decodes_the_whole_grid_as_the_trainer_compares():
+    model = tiny().eval()
+    x = scene()
+    with torch.no_grad():
+        five = model(x[:, None])  # (B, 1, X, Y, Z)
+        four = model(x)
+    assert five["logits"].shape == (1, CLASSES, 1, *TINY)
+    assert torch.allclose(five["logits"][:, :, 0], four["logits"], atol=1e-6)
+    assert five["logits"].argmax(1).shape == x[:, None].shape  # what `evaluate` compares with the labels
+    assert "targets" not in five
+
+
+def test_static_window_training_samples_queries_from_the_global_rng():
+    model = tiny()
+    x = torch.cat([scene(), scene().flip(1)])[:, None]  # (2, 1, X, Y, Z)
+    torch.manual_seed(5)
+    a = model(x)
+    torch.manual_seed(5)
+    b = model(x)
+    n = model.config.query_points
+    assert a["logits"].shape == (2, CLASSES, n) and a["targets"].shape == (2, n)
+    assert torch.equal(a["targets"], b["targets"]) and torch.allclose(a["logits"], b["logits"])
+    # the same points as sample_queries drawn from the same global RNG state, scored at those points
+    torch.manual_seed(5)
+    coords, targets = sample_queries(x[:, 0], None, n, model.config.query_near)
+    four = model(x[:, 0], coords)  # the Gaussian head draws next, as inside the window call
+    assert torch.equal(a["targets"], targets) and torch.allclose(a["logits"], four["logits"], atol=1e-6)
+    occupied = int((x[0] != FREE).sum())
+    assert (a["targets"][0, :occupied] != FREE).all()  # every occupied voxel first, as the released loader
+    parts = OccupancyLoss(kl=0.005)(a, x)  # the trainer passes the labels; the model's targets are used
+    assert torch.isfinite(parts["loss"]) and {"ce", "lovasz", "kl"} <= set(parts)
+    parts["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_windows_of_several_frames_are_static_scenes_folded_into_the_batch():
+    model = tiny().eval()
+    x = torch.stack([scene()[0], scene()[0].flip(0), scene()[0].flip(1)])[None]  # (1, 3, X, Y, Z)
+    with torch.no_grad():
+        win = model(x)["logits"]  # (1, K, 3, X, Y, Z)
+        per_frame = torch.stack([model(x[:, t])["logits"] for t in range(3)], dim=2)
+        coords = torch.rand(20, 3) * 2 - 1
+        pts = model(x, coords)
+    assert win.shape == (1, CLASSES, 3, *TINY)
+    assert torch.allclose(win, per_frame, atol=1e-5)
+    assert pts["logits"].shape == (1, CLASSES, 60) and pts["planes"]["xy"].shape[0] == 3
+    model.train()
+    out = model(x)
+    assert out["logits"].shape == (1, CLASSES, 3 * model.config.query_points)
+    assert out["targets"].shape == (1, 3 * model.config.query_points)
+    with pytest.raises(OcclabError, match="windows"):
+        model(torch.zeros(1, 1, 8, 8, 8, dtype=torch.long))
+
+
+def test_presets_take_the_registry_signature():
+    for factory in PRESETS.values():
+        cfg = factory(TINY, 1, num_classes=CLASSES)
+        assert cfg.grid == TINY and cfg.num_classes == CLASSES
+    with pytest.raises(OcclabError, match="frames"):
+        xscene_tiny(TINY, 0)
+
+
+def test_shared_trainer_trains_the_triplane_vae_on_static_town_windows(tmp_path, tmp_path_factory, monkeypatch):
+    import csv
+    from dataclasses import asdict
+
+    from occlab.train.config import DataConfig, TrainConfig
+    from occlab.train.trainer import train
+
+    monkeypatch.setenv("OCCLAB_CACHE", str(tmp_path_factory.getbasetemp() / "town"))
+    cfg = xscene_tiny(TINY, 1, num_classes=11)
+    data = DataConfig(frames=1, crop=TINY, train_sequences=2, val_sequences=1)
+    torch.manual_seed(0)
+    res = train(XSceneVAE(cfg), {"name": "xscene", "config": asdict(cfg)}, data,
+                TrainConfig(steps=60, ckpt_every=30), tmp_path, num_classes=11, progress=False)
+    with open(tmp_path / "log.csv") as f:
+        loss = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert len(loss) == 60 and res.metrics["steps"] == 60
+    first, last = sum(loss[:6]) / 6, sum(loss[-6:]) / 6  # both windows of the two-scene split alternate
+    assert last < 0.5 * first, (first, last)
+    assert 0 <= res.metrics["val"]["miou"] <= 1 and res.metrics["val"]["iou"] > 0

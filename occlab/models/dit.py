@@ -444,8 +444,7 @@ class DiT(nn.Module):
             out = out.new_zeros(B, self.layout.num_patches, out.shape[-1]).index_copy(1, self.keep, out)
         H, W = self.layout.map_shape
         eps = unpatchify(out, self.layout.grid, cfg.patch_size)[..., :H, :W]
-        if self.layout.partial:
-            eps = eps * self.cell_mask.to(eps.dtype)
+        eps = eps * self.cell_mask.to(eps.dtype)  # padding cells are zero, whether or not their patches were dropped
         return self.layout.from_map(eps) if as_planes else eps  # like x
 
 

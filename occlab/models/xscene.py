@@ -5,6 +5,12 @@ xscene/occ_vae).
 labels (B, X, Y, Z) -> planes xy, xz, yz (B, C, a, b) -> logits at query points (B, classes, N), or on the whole
 grid (B, classes, X, Y, Z) decoded in chunks of `chunk` points.
 
+Windows of the shared trainer, labels (B, T, X, Y, Z) (static scenes: T = 1): every frame is one static scene
+(frames folded into the batch, planes (B*T, C, a, b)). In training mode the model draws its own query points
+(`sample_queries`, from torch's global RNG, which the trainer seeds) and returns {"logits": (B, K, T*N),
+"targets": (B, T*N), planes, mu, logvar}, which the shared OccupancyLoss scores; in eval mode it decodes the
+whole grid, logits (B, K, T, X, Y, Z), as the trainer's `evaluate` expects.
+
 Encoder: Embedding(classes, C); 3^3 conv, residual block, then per stride-2 step a (2, 2, 1) strided conv and a
 residual block (x, y reduced by `downsample`, z kept); mean over the missing axis of every plane; a parameter-free
 InstanceNorm and tanh(0.5 h); optional Gaussian head per plane (`vae`).
@@ -140,19 +146,30 @@ class XSceneVAEConfig:
 # Size presets
 # ---------------------------------------------------------------------------------------------------------
 
-def xscene_paper(grid=(200, 200, 16), **kw) -> XSceneVAEConfig:
+# Every preset takes (grid, frames, **overrides) as the model registry calls them. `frames` is accepted and not
+# stored: the model is static and treats each frame of a window as its own scene (train it with frames = 1).
+
+def _frames(frames: int | None) -> None:
+    if frames is not None and int(frames) < 1:
+        raise OcclabError(f"frames must be at least 1, got {frames}")
+
+
+def xscene_paper(grid=(200, 200, 16), frames: int | None = None, **kw) -> XSceneVAEConfig:
     """The paper's sizes (Occ3D: triplane 100x100x16 with downsample 2, C 16, W 64, MLP 256 x 4, K 4)."""
+    _frames(frames)
     return XSceneVAEConfig(grid=tuple(grid), **kw)
 
 
-def xscene_small(grid=(32, 32, 8), **kw) -> XSceneVAEConfig:
+def xscene_small(grid=(32, 32, 8), frames: int | None = None, **kw) -> XSceneVAEConfig:
     """Same architecture at half the widths (C 8, W 32, MLP 128 x 4)."""
+    _frames(frames)
     kw = {"latent_channels": 8, "plane_channels": 32, "mlp_hidden": 128, "query_points": 4096, **kw}
     return XSceneVAEConfig(grid=tuple(grid), **kw)
 
 
-def xscene_tiny(grid=(16, 16, 8), **kw) -> XSceneVAEConfig:
+def xscene_tiny(grid=(16, 16, 8), frames: int | None = None, **kw) -> XSceneVAEConfig:
     """Smallest working widths, for unit tests and smoke runs (C 4, W 16, MLP 32 x 2, 4 PE frequencies)."""
+    _frames(frames)
     kw = {"latent_channels": 4, "plane_channels": 16, "mlp_hidden": 32, "mlp_layers": 2, "pe_freqs": 4,
           "chunk": 1024, "query_points": 1024, **kw}
     return XSceneVAEConfig(grid=tuple(grid), **kw)
@@ -426,13 +443,40 @@ class XSceneVAE(nn.Module):
 
     def forward(self, labels: torch.Tensor, queries: torch.Tensor | None = None) -> dict:
         """labels (B, X, Y, Z) -> {logits, planes, mu, logvar}; logits (B, K, N) at `queries` (N, 3) or (B, N, 3),
-        or (B, K, X, Y, Z) without; channels first for F.cross_entropy and the shared OccupancyLoss."""
-        enc = self.encode(labels)
-        return {"logits": self.decode(enc["planes"], queries), **enc}
+        or (B, K, X, Y, Z) without; channels first for F.cross_entropy and the shared OccupancyLoss.
+
+        labels (B, T, X, Y, Z) (the shared trainer's windows; static scenes have T = 1): each frame is encoded
+        as its own scene (planes, mu, logvar (B*T, C, a, b)). With `queries` (N, 3) or (B*T, N, 3): logits
+        (B, K, T*N). Without, in training mode: the model samples its own training points per frame
+        (`sample_queries` with the config's counts, from torch's global RNG) and returns logits (B, K, T*N) with
+        "targets" (B, T*N), frame-major, for the shared OccupancyLoss; in eval mode: the whole grid, logits
+        (B, K, T, X, Y, Z), compared by the trainer's `evaluate` with labels (B, T, X, Y, Z).
+        """
+        if labels.dim() != 5:
+            enc = self.encode(labels)
+            return {"logits": self.decode(enc["planes"], queries), **enc}
+        B, T = labels.shape[:2]
+        if tuple(labels.shape[2:]) != self.config.grid:
+            raise OcclabError(f"X-Scene expects labels (B, X, Y, Z) or windows (B, T, "
+                              f"{', '.join(map(str, self.config.grid))}), got {tuple(labels.shape)}")
+        flat = labels.reshape(B * T, *labels.shape[2:])  # (B*T, X, Y, Z): every frame one static scene
+        targets = None
+        if queries is None and self.training:
+            queries, targets = self.sample_queries(flat)  # (B*T, N, 3), (B*T, N)
+        enc = self.encode(flat)
+        logits = self.decode(enc["planes"], queries)  # (B*T, K, N) or (B*T, K, X, Y, Z)
+        if queries is None:  # whole grid: (B, K, T, X, Y, Z)
+            return {"logits": logits.reshape(B, T, *logits.shape[1:]).transpose(1, 2), **enc}
+        K, N = logits.shape[1:]
+        out = {"logits": logits.reshape(B, T, K, N).transpose(1, 2).reshape(B, K, T * N), **enc}  # frame-major
+        if targets is not None:
+            out["targets"] = targets.reshape(B, T * N)
+        return out
 
     def sample_queries(self, labels: torch.Tensor, generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training queries with the config's counts: coords (B, N, 3), targets (B, N); see `sample_queries`."""
+        """Training queries with the config's counts: coords (B, N, 3), targets (B, N); see `sample_queries`.
+        Without a generator the draws come from torch's global RNG (on the labels' device)."""
         return sample_queries(labels, generator, self.config.query_points, self.config.query_near)
 
 
