@@ -18,9 +18,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
+    """Restore `rng_state()`; the states may have been loaded onto a GPU (map_location), torch wants them on CPU."""
+    torch.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> Path:

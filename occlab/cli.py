@@ -157,6 +157,77 @@ def _model_info(args) -> int:
     return 0
 
 
+DIT_CONDITIONS = ("command", "trajectory", "layout", "previous")  # = occlab.models.dit.CONDITIONS (tested)
+ROLLOUTS = ("pro", "unfold", "vconcat")  # = occlab.planes.ROLLOUTS (tested)
+SAMPLERS = ("ddim", "ddpm")
+
+
+def _parse_conditions(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in names if v not in DIT_CONDITIONS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown conditions {bad}; expected some of {','.join(DIT_CONDITIONS)}")
+    return names
+
+
+def _train_dit(args) -> int:
+    from occlab.train.dit_trainer import dit_setup, run_key, train_dit
+    from occlab.train.latents import read_vae_checkpoint
+    from occlab.train.runs import runs_dir
+
+    dit, cfg = dit_setup(args.vae_ckpt, args.preset, args.rollout, args.conditions or (), args.device, args.seed)
+    for key in ("steps", "batch_size", "lr", "precision", "ema_decay", "threads"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.sequence_frames is not None:
+        cfg.data_options = {"seq_len": args.sequence_frames}
+    out = args.out or runs_dir() / run_key(dit, cfg, read_vae_checkpoint(args.vae_ckpt)["fingerprint"])
+    result = train_dit(args.vae_ckpt, out, dit, cfg, latents_dir=args.latents)
+    m = result.metrics
+    print(json.dumps({"out": str(result.out_dir), "ckpt": str(result.checkpoint), "steps": m["steps"],
+                      "final_loss": m["final_loss"], "params": m["params"], "s_per_iter": m["s_per_iter"],
+                      "peak_mem_gib": m["peak_mem_gib"]}))
+    return 0
+
+
+def _generate(args) -> int:
+    from occlab.generate import generate
+
+    cond = {}
+    if args.cond_file or args.previous:
+        from occlab.data import load_sequence
+        from occlab.train.dit_trainer import load_dit
+        from occlab.train.latents import latent_geometry
+
+        dit, state = load_dit(args.ckpt)
+        geo = latent_geometry(state["vae_info"]["config"])
+
+        def fit(path, last: bool):
+            """The window the VAE takes: T frames (the first, or the last for a previous window), and an
+            ego-centred crop when the file's grid is larger."""
+            seq = load_sequence(path)
+            T = geo["frames"]
+            if seq.frames < T:
+                raise OcclabError(f"{path}: {seq.frames} frames, the DiT's windows have {T}")
+            seq = seq.slice(slice(seq.frames - T, None) if last else slice(0, T))
+            if seq.labels.shape[1:] != tuple(geo["grid"]):
+                seq = seq.crop(tuple(geo["grid"]))
+            return seq
+
+        if args.cond_file:
+            seq = fit(args.cond_file, last=False)
+            wanted = args.conditions if args.conditions is not None else dit.config.conditions
+            cond = {k: v for k, v in {"command": seq.command, "trajectory": seq.trajectory,
+                                      "layout": seq.layout}.items() if k in wanted}
+        if args.previous:
+            cond["previous"] = fit(args.previous, last=True).labels
+    if args.command is not None:
+        cond["command"] = int(args.command) if args.command.isdigit() else args.command
+    paths = generate(args.ckpt, args.n, args.out, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                     cond=cond or None, seed=args.seed, batch_size=args.batch_size, eta=args.eta, device=args.device)
+    print(json.dumps({"out": str(args.out), "files": len(paths)}))
+    return 0
+
 def _claims(args) -> int:
     from pathlib import Path
 
@@ -252,6 +323,26 @@ def build_parser() -> Parser:
     tv.add_argument("--threads", type=int, default=None)
     tv.set_defaults(func=_train_vae)
 
+    td = tsub.add_parser("dit", help="train a HexPlane DiT on the cached latents of a trained VAE")
+    td.add_argument("--vae-ckpt", required=True, help="checkpoint.pt of `occlab train vae` (a DynamicCity VAE)")
+    td.add_argument("--preset", choices=PRESETS, default="smoke", help="DiT size and steps (smoke: tiny DiT)")
+    td.add_argument("--rollout", choices=ROLLOUTS, default="pro", help="token layout (padded rollout by default)")
+    td.add_argument("--conditions", type=_parse_conditions, default=None,
+                    help=f"comma-separated, some of {','.join(DIT_CONDITIONS)} (default: none)")
+    td.add_argument("--out", default=None, help="run folder (default: the run cache)")
+    td.add_argument("--latents", default=None, help="latent cache folder (default: beside the VAE checkpoint)")
+    td.add_argument("--sequence-frames", type=int, default=None,
+                    help="synthetic town: scenes of this many frames, so windows have a previous window")
+    td.add_argument("--device", default="cpu")
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--steps", type=int, default=None)
+    td.add_argument("--batch-size", type=int, default=None)
+    td.add_argument("--lr", type=float, default=None)
+    td.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    td.add_argument("--ema-decay", type=float, default=None)
+    td.add_argument("--threads", type=int, default=None)
+    td.set_defaults(func=_train_dit)
+
     for kind, what in (("f3d", "the sparse-conv 3D feature network"), ("f2d", "the 2D render classifier")):
         tf = tsub.add_parser(kind, help=f"train {what} of the generation metrics (cached per dataset)")
         tf.add_argument("--dataset", default="synthetic_town")
@@ -263,6 +354,24 @@ def build_parser() -> Parser:
         tf.add_argument("--out", default=None)
         tf.add_argument("--force", action="store_true", help="retrain even when a cached network exists")
         tf.set_defaults(func=_train_features, kind=kind)
+
+    g = sub.add_parser("generate", help="sample occupancy sequences from a trained DiT (npz files for eval gen)")
+    g.add_argument("--ckpt", required=True, help="checkpoint.pt of `occlab train dit`")
+    g.add_argument("--n", type=int, required=True, help="number of samples")
+    g.add_argument("--out", required=True, help="folder for sample_00000.npz, ...")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM runs the whole schedule)")
+    g.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the noise)")
+    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    g.add_argument("--command", default=None, help="static|forward|left|right (or 0..3)")
+    g.add_argument("--cond-file", default=None, help="occlab npz whose command, trajectory and layout condition")
+    g.add_argument("--conditions", type=_parse_conditions, default=None,
+                   help="which conditions of --cond-file to use (default: all of them)")
+    g.add_argument("--previous", default=None, help="occlab npz of the window before (previous-window condition)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(func=_generate)
 
     cl = sub.add_parser("claims", help="the claims ledger of a report: which of the papers' orderings held")
     cl.add_argument("--report", default="reports", help="a folder written by `occlab reproduce`")

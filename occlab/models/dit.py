@@ -386,7 +386,7 @@ class DiT(nn.Module):
             bev = F.interpolate(bev, size=(X, Y), mode=c.layout_interp)
         emb = self.layout_embedder(patchify(pad_to_multiple(bev, p), p))  # (B, gx * gy, D)
         emb = emb * keep[:, None, None].to(emb.dtype)
-        return out.index_add(1, self.xy_tokens, emb)  # added to the xy block's tokens
+        return out.index_add(1, self.xy_tokens, emb.to(out.dtype))  # added to the xy block's tokens
 
     # -- forward ------------------------------------------------------------------------------------------
 

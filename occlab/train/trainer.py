@@ -194,7 +194,7 @@ def train(model: nn.Module, model_info: dict, data: DataConfig, cfg: TrainConfig
     else:
         weights = None
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # ranks draw their own noise; rank 0 as one process
     model.to(device)
     params = sum(p.numel() for p in model.parameters())
     loss_fn = OccupancyLoss(weights, cfg.ce_weight, cfg.lovasz_weight, cfg.kl_weight).to(device)
