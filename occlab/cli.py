@@ -49,7 +49,8 @@ def _data_export(args) -> int:
 
     start = SPLITS[args.split][0]
     seqs = [generate_sequence(start + i, args.geometry, args.frames) for i in range(args.n)]
-    writer = {"carlasc": export.export_carlasc, "occ3d_nuscenes": export.export_occ3d_nuscenes}[args.layout]
+    writer = {"carlasc": export.export_carlasc, "occ3d_nuscenes": export.export_occ3d_nuscenes,
+              "semantickitti": export.export_semantickitti}[args.layout]
     writer(seqs, args.out, split=args.split)
     print(f"wrote {args.n} synthetic sequences in the {args.layout} layout under {args.out}")
     return 0
@@ -273,11 +274,11 @@ def build_parser() -> Parser:
     d.add_argument("--json", action="store_true", help="one-line JSON")
     d.set_defaults(func=_data_describe)
     e = dsub.add_parser("export", help="write synthetic-town sequences in a real dataset's layout")
-    e.add_argument("layout", choices=["carlasc", "occ3d_nuscenes"])
+    e.add_argument("layout", choices=["carlasc", "occ3d_nuscenes", "semantickitti"])
     e.add_argument("--out", required=True)
     e.add_argument("--n", type=int, default=2)
     e.add_argument("--frames", type=int, default=16)
-    e.add_argument("--geometry", choices=["carlasc", "occ3d"], default=None)
+    e.add_argument("--geometry", choices=["carlasc", "occ3d", "semantickitti"], default=None)
     e.add_argument("--split", choices=["train", "val", "test"], default="train")
     e.set_defaults(func=_data_export)
 
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `occlab` console script."""
     args = build_parser().parse_args(argv)
     if getattr(args, "geometry", "") is None and args.func is _data_export:
-        args.geometry = "carlasc" if args.layout == "carlasc" else "occ3d"
+        args.geometry = {"carlasc": "carlasc", "semantickitti": "semantickitti"}.get(args.layout, "occ3d")
     try:
         return args.func(args)
     except OcclabError as e:

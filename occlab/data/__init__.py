@@ -20,6 +20,8 @@ SOURCES: dict[str, str] = {
     "carlasc": "occlab.data.carlasc:CarlaSCSource",
     "occ3d_nuscenes": "occlab.data.occ3d_nuscenes:Occ3DNuScenesSource",
     "occ3d_waymo": "occlab.data.occ3d_waymo:Occ3DWaymoSource",
+    "semantickitti": "occlab.data.semantickitti:SemanticKITTISource",
+    "sscbench_kitti360": "occlab.data.semantickitti:SSCBenchKITTI360Source",
 }
 
 

@@ -1,11 +1,13 @@
 """Write sequences in the real datasets' file layouts, so the real readers can be run end to end.
 
 Each occlab class is written as one raw id (the manifest's `export` table). CarlaSC and Occ3D-nuScenes exports
-read back identical; Occ3D-Waymo has no barrier or ground class, so those read back as other and sidewalk.
+read back identical; Occ3D-Waymo has no barrier or ground class, so those read back as other and sidewalk;
+SemanticKITTI SSC has no `other` class, so it reads back as 255 (ignored).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +21,7 @@ from occlab.data.carlasc import params_json, write_poses
 from occlab.data.geometry import get_geometry
 from occlab.data.manifest import load_manifest
 from occlab.data.occ3d_nuscenes import matrix_to_quat
+from occlab.data.semantickitti import EXPORT_TR, write_bits, write_calib
 from occlab.data.sequence import DENSITIES, Sequence
 from occlab.errors import OcclabError
 
@@ -136,3 +139,43 @@ def export_occ3d_waymo(sequences: Sequence | Iterable[Sequence], root: str | os.
             write_poses(scene / "poses.txt", seq.poses)
             scenes.append(scene)
     return scenes
+
+
+def export_semantickitti(sequences: Sequence | Iterable[Sequence], root: str | os.PathLike, split: str = "train",
+                         frame_step: int = 5) -> list[Path]:
+    """Write sequences/<NN>/ folders (voxels/, poses.txt, calib.txt), one per sequence, named after the split's
+    sequences in order (train: 00, 01, ...; val: 08); returns them.
+
+    Frame t is scan t * frame_step (every 5th scan, as the release); poses.txt has a row per scan (rows between
+    frames repeat the previous frame's pose). Labels go through the manifest's `export` table (other -> 99,
+    which reads back as 255); voxels labelled 255 are written empty and marked in .invalid; .occluded is the
+    complement of the mask; .bin (the scan input) the visible non-free voxels."""
+    seqs = [sequences] if isinstance(sequences, Sequence) else list(sequences)
+    invalid = [s.labels == IGNORE for s in seqs]
+    cleaned = [dataclasses.replace(s, labels=np.where(inv, 0, s.labels).astype(np.uint8))
+               for s, inv in zip(seqs, invalid)]
+    seqs, raws, manifest = _prepare(cleaned, "semantickitti")
+    names = [str(n) for n in manifest["splits"][split]["sequences"]]
+    if len(seqs) > len(names):
+        raise OcclabError(f"semantickitti export: {len(seqs)} sequences, but the {split} split has only "
+                          f"{len(names)} ({', '.join(names)}); export at most {len(names)}")
+    if frame_step < 1:
+        raise OcclabError(f"semantickitti export: frame_step must be >= 1, got {frame_step}")
+    tr = EXPORT_TR
+    folders = []
+    with _writing(root):
+        for name, seq, raw, inv in zip(names, seqs, raws, invalid):
+            folder = Path(root) / manifest["layout"]["sequence_dir"].format(seq=name)
+            voxels = folder / "voxels"
+            voxels.mkdir(parents=True, exist_ok=True)
+            for t in range(seq.frames):
+                stem = voxels / f"{t * frame_step:06d}"
+                raw[t].astype("<u2").tofile(stem.with_suffix(".label"))
+                write_bits(stem.with_suffix(".invalid"), inv[t])
+                write_bits(stem.with_suffix(".occluded"), ~seq.mask[t])
+                write_bits(stem.with_suffix(".bin"), seq.mask[t] & (seq.labels[t] != 0) & ~inv[t])
+            scans = np.repeat(np.arange(seq.frames), frame_step)[: (seq.frames - 1) * frame_step + 1]
+            write_poses(folder / "poses.txt", tr @ seq.poses[scans] @ np.linalg.inv(tr))
+            write_calib(folder / "calib.txt", tr)
+            folders.append(folder)
+    return folders

@@ -48,6 +48,10 @@ GEOMETRIES: dict[str, Geometry] = {
     # Occ3D: 200x200x16, 0.4 m, x,y in +-40 m, z in [-1, 5.4] m in the ego frame (origin near the ground).
     "occ3d": Geometry("occ3d", (200, 200, 16), (0.4, 0.4, 0.4), (-40.0, -40.0, -1.0),
                       ground_z=0.1, sensor_z=1.9),
+    # SemanticKITTI SSC (and SSCBench-KITTI-360): 256x256x32, 0.2 m, in the lidar frame: x 0..51.2 m ahead (the
+    # sensor is at the grid's edge, not its centre), y +-25.6 m, z -2..4.4 m; the lidar is 1.73 m above the road.
+    "semantickitti": Geometry("semantickitti", (256, 256, 32), (0.2, 0.2, 0.2), (0.0, -25.6, -2.0),
+                              ground_z=-1.73, sensor_z=0.0),
 }
 
 
