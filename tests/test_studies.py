@@ -30,3 +30,16 @@ def test_per_class_puts_the_papers_rows_beside_ours_as_fractions():
     paper = table[(table.source == "paper (CarlaSC)") & (table.method == "SEP-4D")].iloc[0]
     assert paper.frames == 8 and paper.miou == pytest.approx(0.8533) and paper.road == pytest.approx(0.98542)
     assert set(table.frames) == {8}  # only the lengths we ran
+
+
+def test_figures_show_the_richest_of_the_first_windows():
+    import torch
+
+    from occlab.studies.vae import richest_window
+
+    def window(classes):  # labels (T, X, Y, Z) holding `classes`, one frame visible everywhere
+        labels = torch.tensor(classes, dtype=torch.uint8).reshape(1, -1, 1, 1)
+        return {"labels": labels, "mask": torch.ones_like(labels)}
+
+    windows = [window([0, 6, 6]), window([0, 6, 8]), window([0, 1, 6, 8]), window([0, 1, 6, 8])]
+    assert richest_window(windows) == 2 and richest_window(windows, candidates=2) == 1

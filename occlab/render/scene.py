@@ -131,8 +131,10 @@ def set_camera(plotter: pv.Plotter, geometry: Geometry, camera: str = "oblique")
 
 
 def ego_marker(geometry: Geometry) -> pv.PolyData:
-    """A flat arrow at the ego origin pointing forward (+x), lying just above the road."""
-    arrow = pv.Arrow(start=(-2.2, 0.0, 0.0), direction=(1.0, 0.0, 0.0), scale=4.4, tip_length=0.35,
+    """A flat arrow at the ego origin pointing forward (+x), lying just above the road: a car's length (4.4 m),
+    shorter in small crops so that it covers at most a sixth of the view."""
+    length = min(4.4, _extent(geometry) / 3)
+    arrow = pv.Arrow(start=(-length / 2, 0.0, 0.0), direction=(1.0, 0.0, 0.0), scale=length, tip_length=0.35,
                      tip_radius=0.22, shaft_radius=0.09)
     return arrow.scale((1.0, 1.0, 0.3)).translate((0.0, 0.0, geometry.ground_z + 0.8))
 

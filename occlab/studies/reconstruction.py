@@ -100,9 +100,9 @@ def seed_spread(preset: str, model: str, dataset: str = "synthetic_town", data_r
             for m in ("miou", "iou", "s_per_iter", "peak_mem_gib")}
 
 
-def reconstruction_grid(run_ids: dict[str, str], out, times=(1, 8, 16), index: int = 0):
+def reconstruction_grid(run_ids: dict[str, str], out, times=(1, 8, 16), index: int | None = None):
     """SEP-4D Fig. 3: ground truth and each method's reconstruction (rows) at frames `times` (1-based, columns)
-    of one validation window, visible voxels only; a PNG at `out`, returned as an (H, W, 3) array."""
+    of one validation window (by default the richest of the first ones), visible voxels only; a PNG at `out`."""
     import numpy as np
     from PIL import Image
 

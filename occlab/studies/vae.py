@@ -139,13 +139,23 @@ def mean_scene_baseline(data: DataConfig, num_classes: int = 11) -> dict:
     return {"miou": m.miou, "iou": m.iou}
 
 
+def richest_window(dataset, candidates: int = 8) -> int:
+    """The window, among the first `candidates`, whose first frame shows the most classes (for figures)."""
+    def classes(i: int) -> int:
+        item = dataset[i]
+        return len(torch.unique(item["labels"][0][item["mask"][0].bool()]))
+
+    return max(range(min(candidates, len(dataset))), key=lambda i: (classes(i), -i))
+
+
 @torch.no_grad()
-def reconstruct(run_id: str, index: int = 0, split: str = "val"):
-    """(ground truth, reconstruction, mask) numpy arrays (T, X, Y, Z) of one window by a cached run."""
+def reconstruct(run_id: str, index: int | None = None, split: str = "val"):
+    """(ground truth, reconstruction, mask) numpy arrays (T, X, Y, Z) of one window by a cached run (by default
+    the richest of the first validation windows)."""
     from occlab.train.runs import find_run, load_trained
 
     model, _, dataset = load_trained(find_run(run_id).path / "checkpoint.pt", split)
-    item = dataset[index]
+    item = dataset[richest_window(dataset) if index is None else index]
     pred = model(item["labels"][None].long())["logits"].argmax(1)[0]
     return item["labels"].numpy(), pred.to(torch.uint8).numpy(), item["mask"].numpy()
 
@@ -227,7 +237,7 @@ def seed_spread(preset: str, dataset: str = "synthetic_town", data_root: str | N
             for m in ("miou", "iou", "s_per_iter", "peak_mem_gib")}
 
 
-def reconstruction_figure(run_id: str, out, frame: int = 0, index: int = 0) -> np.ndarray:
+def reconstruction_figure(run_id: str, out, frame: int = 0, index: int | None = None) -> np.ndarray:
     """Ground truth beside the reconstruction of one validation window (PyVista), visible voxels only."""
     from occlab.render.scene import render_side_by_side
 
