@@ -112,7 +112,7 @@ def reconstruction_grid(run_ids: dict[str, str], out, times=(1, 8, 16), index: i
     rows, gt = [], None
     for name, run_id in run_ids.items():
         truth, pred, mask = reconstruct(run_id, index)
-        ts = [t - 1 for t in times if t <= truth.shape[0]]
+        ts = sorted({min(t, truth.shape[0]) - 1 for t in times})  # a shorter window shows its last frame
         if gt is None:
             gt = render_side_by_side([truth[t] for t in ts], [f"ground truth, t = {t + 1}" for t in ts], "carlasc",
                                      masks=[mask[t] for t in ts], window_size=(420, 320))
