@@ -89,3 +89,18 @@ def test_the_ledger_lists_claims_without_output_as_not_run(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["held"] == led["held"]
     page = write_index(tmp_path, {"preset": "study", "notebooks": []}).read_text()
     assert "Claims ledger" in page and "mIoU falls from rates 1,1,1,1 to 1,2,2,1" in page
+
+
+def test_each_variant_can_have_its_own_baseline():
+    values = {"occsora/4": {"miou": 0.18}, "occsora/16": {"miou": 0.15}, "dynamiccity/4": {"miou": 0.34},
+              "dynamiccity/16": {"miou": 0.21}}
+    floors = {"occsora/4": {"miou": 0.182}, "occsora/16": {"miou": 0.147}, "dynamiccity/4": {"miou": 0.182},
+              "dynamiccity/16": {"miou": 0.147}}
+    res = {c["id"]: c for c in evaluate_claims("01_reconstruction", values, "study", floor=floors)}
+    # OccSora sits at its own length's baseline at 4 and 16 frames: its fall is the baseline's, not evidence
+    assert res["sep-t1-length-occsora"]["holds"] == "inconclusive"
+    assert res["sep-t1-length-occsora"]["note"] == "neither beats the mean-scene baseline"
+    assert res["sep-t1-length-dynamiccity"]["holds"] == "yes"
+    # one shared floor (the old form) would have let OccSora's fall count
+    shared = {c["id"]: c for c in evaluate_claims("01_reconstruction", values, "study", floor={"miou": 0.147})}
+    assert shared["sep-t1-length-occsora"]["holds"] == "yes"

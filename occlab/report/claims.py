@@ -96,9 +96,16 @@ def evaluate_claims(notebook: str, values: dict[str, dict], preset: str, floor: 
     """Verdicts of a notebook's claims from {variant: {metric: mean, metric + "_std": spread, seeds, run_ids}}.
 
     The spread is the larger seed-to-seed std, but at least a point of mIoU/IoU or 2% of a time or memory.
-    `floor` ({metric: value}, e.g. the mean-scene baseline's mIoU): when neither variant beats it, the models
-    have not learned beyond the trivial answer and the claim is inconclusive whatever the margin.
+    `floor` ({metric: value}, e.g. the mean-scene baseline's mIoU, or {variant: {metric: value}} where each
+    variant has its own baseline, as sequences of different lengths do): when neither variant beats its floor, the
+    models have not learned beyond the trivial answer and the claim is inconclusive whatever the margin.
     """
+    per_variant = bool(floor) and all(isinstance(v, dict) for v in floor.values())
+
+    def floor_of(variant: str, metric: str) -> float | None:
+        f = (floor or {}).get(variant, {}) if per_variant else (floor or {})
+        return f.get(metric)
+
     out = []
     for c in (c for c in CLAIMS if c.notebook == notebook):
         a, b = values.get(c.better, {}), values.get(c.worse, {})
@@ -109,7 +116,8 @@ def evaluate_claims(notebook: str, values: dict[str, dict], preset: str, floor: 
         note = "" if c.better in values and c.worse in values else "not run at this preset"
         if note and preset == "smoke":
             holds = "smoke"
-        if floor and c.metric in floor and va is not None and vb is not None and max(va, vb) <= floor[c.metric] + tol:
+        fa, fb = floor_of(c.better, c.metric), floor_of(c.worse, c.metric)
+        if None not in (va, vb, fa, fb) and va <= fa + tol and vb <= fb + tol:
             holds, note = ("smoke" if holds == "smoke" else "inconclusive"), "neither beats the mean-scene baseline"
         out.append({"id": c.id, "statement": c.statement, "paper": c.paper, "metric": c.metric,
                     "paper_values": c.paper_values, "ours": [va, vb], "holds": holds, "margin": margin,
