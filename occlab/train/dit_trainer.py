@@ -31,7 +31,8 @@ from occlab.errors import OcclabError
 from occlab.metrics.cost import CostMeter
 from occlab.models.dit import CONDITIONS, DiT, DiTConfig, config_for_vae
 from occlab.train.latents import LatentDataset, encode_latents, latent_geometry, read_vae_checkpoint
-from occlab.train.trainer import StepBatches, TrainingDiverged, _finite, _read_log, autocast, setup_distributed
+from occlab.train.trainer import (StepBatches, TrainingDiverged, _finite, _read_log, _write_log, autocast,
+                                  setup_distributed)
 
 CKPT_KIND = "occlab-dit"
 LOG_FIELDS = ("step", "loss", "lr", "s_per_iter")
@@ -290,7 +291,7 @@ def train_dit(vae_ckpt: str | os.PathLike, out_dir: str | os.PathLike, dit: DiTC
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if dist.main and (step % 10 == 0 or step == cfg.steps):
-                write_log(log_path, rows)
+                _write_log(log_path, rows, LOG_FIELDS)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save(step, checkpoint.rng_state())
     except KeyboardInterrupt:
@@ -299,7 +300,7 @@ def train_dit(vae_ckpt: str | os.PathLike, out_dir: str | os.PathLike, dit: DiTC
     finally:
         bar.close()
         if dist.main and rows:
-            write_log(log_path, rows)
+            _write_log(log_path, rows, LOG_FIELDS)
     wall = time.perf_counter() - t_start
     losses = [r["loss"] for r in rows]
     tail = losses[-max(1, len(losses) // 10):] if losses else []
@@ -312,18 +313,6 @@ def train_dit(vae_ckpt: str | os.PathLike, out_dir: str | os.PathLike, dit: DiTC
     if dist.main:
         (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, default=list))
     return DiTTrainResult(out, metrics)
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    """The CSV log (step, loss, lr, s_per_iter), written atomically."""
-    import csv
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def load_dit(ckpt: str | os.PathLike, ema: bool = True, map_location="cpu") -> tuple[DiT, dict]:
@@ -343,4 +332,4 @@ def load_dit(ckpt: str | os.PathLike, ema: bool = True, map_location="cpu") -> t
 
 
 __all__ = ["CKPT_KIND", "PRESETS", "DiTTrainConfig", "DiTTrainResult", "condition_drops", "dit_setup",
-           "ema_decay_at", "ema_update", "load_dit", "lr_at", "run_key", "train_dit", "write_log"]
+           "ema_decay_at", "ema_update", "load_dit", "lr_at", "run_key", "train_dit"]

@@ -306,10 +306,11 @@ def _read_log(path: Path, upto: int) -> list[dict]:
         return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if int(float(r["step"])) <= upto]
 
 
-def _write_log(path: Path, rows: list[dict]) -> None:
+def _write_log(path: Path, rows: list[dict], fields: tuple[str, ...] = LOG_FIELDS) -> None:
+    """The CSV log of a run, written atomically (a crash leaves the previous one)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
