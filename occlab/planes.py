@@ -204,7 +204,8 @@ def vconcat_blocks(shapes: Mapping) -> tuple[list[Block], tuple[int, int]]:
     return blocks, (row, max(b.width for b in blocks))
 
 
-def _place(planes: Mapping[str, torch.Tensor], blocks: list[Block], size: tuple[int, int]) -> torch.Tensor:
+def place_blocks(planes: Mapping[str, torch.Tensor], blocks: list[Block], size: tuple[int, int]) -> torch.Tensor:
+    """Planes {name: (..., a, b)} placed on one (..., H, W) map as `blocks` say, padding zero."""
     first = planes[blocks[0].name]
     out = first.new_zeros(*first.shape[:-2], *size)  # (B, C, H, W), padding zero
     for b in blocks:
@@ -216,17 +217,20 @@ def _place(planes: Mapping[str, torch.Tensor], blocks: list[Block], size: tuple[
     return out
 
 
-def _take(m: torch.Tensor, blocks: list[Block], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+def take_blocks(m: torch.Tensor, blocks: list[Block], size: tuple[int, int],
+                names: Sequence[str] = PLANES) -> dict[str, torch.Tensor]:
+    """Inverse of `place_blocks`: {name: (..., a, b)} views of the map, in the order of `names`."""
     if tuple(m.shape[-2:]) != tuple(size):
         raise OcclabError(f"map of shape {tuple(m.shape[-2:])} does not match the layout's {tuple(size)}")
     out = {}
     for b in blocks:
         v = m[..., b.row:b.row + b.height, b.col:b.col + b.width]
         out[b.name] = v.transpose(-1, -2) if b.transposed else v
-    return {n: out[n] for n in PLANES}
+    return {n: out[n] for n in names}
 
 
-def _block_mask(blocks: list[Block], size: tuple[int, int]) -> torch.Tensor:
+def block_mask(blocks: list[Block], size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool, True on the cells the blocks cover."""
     mask = torch.zeros(size, dtype=torch.bool)
     for b in blocks:
         mask[b.row:b.row + b.height, b.col:b.col + b.width] = True
@@ -236,35 +240,35 @@ def _block_mask(blocks: list[Block], size: tuple[int, int]) -> torch.Tensor:
 def rollout(planes: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Padded rollout of a HexPlane {name: (B, C, a, b)} -> (B, C, X+T+Z, Y+Z+T), padding zero."""
     blocks, size = pro_blocks(shapes_of(planes))
-    return _place(planes, blocks, size)
+    return place_blocks(planes, blocks, size)
 
 
 def unroll(m: torch.Tensor, shapes: Mapping) -> dict[str, torch.Tensor]:
     """Inverse of `rollout`: (B, C, X+T+Z, Y+Z+T) -> {name: (B, C, a, b)} (views of the map)."""
     blocks, size = pro_blocks(shapes)
-    return _take(m, blocks, size)
+    return take_blocks(m, blocks, size)
 
 
 def rollout_cell_mask(shapes: Mapping) -> torch.Tensor:
     """(X+T+Z, Y+Z+T) bool, True where the rollout holds a plane value (the released `get_rollout_mask`)."""
-    return _block_mask(*pro_blocks(shapes))
+    return block_mask(*pro_blocks(shapes))
 
 
 def vconcat(planes: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Vertical concatenation {name: (B, C, a, b)} -> (B, C, sum of heights, widest width), padding zero."""
     blocks, size = vconcat_blocks(shapes_of(planes))
-    return _place(planes, blocks, size)
+    return place_blocks(planes, blocks, size)
 
 
 def unvconcat(m: torch.Tensor, shapes: Mapping) -> dict[str, torch.Tensor]:
     """Inverse of `vconcat` (views of the map)."""
     blocks, size = vconcat_blocks(shapes)
-    return _take(m, blocks, size)
+    return take_blocks(m, blocks, size)
 
 
 def vconcat_cell_mask(shapes: Mapping) -> torch.Tensor:
     """(sum of heights, widest width) bool, True where the vertical concatenation holds a plane value."""
-    return _block_mask(*vconcat_blocks(shapes))
+    return block_mask(*vconcat_blocks(shapes))
 
 
 def patch_padding(cell_mask: torch.Tensor, patch: int) -> torch.Tensor:
@@ -273,6 +277,12 @@ def patch_padding(cell_mask: torch.Tensor, patch: int) -> torch.Tensor:
     gh, gw = -(-h // patch), -(-w // patch)
     cells = F.pad(cell_mask.float(), (0, gw * patch - w, 0, gh * patch - h))[None, None]
     return F.max_pool2d(cells, patch)[0, 0] == 0
+
+
+def has_partial_patches(cell_mask: torch.Tensor, patch: int) -> bool:
+    """Whether some p x p patch of a map holds both plane cells and padding (sizes not multiples of p)."""
+    full = F.avg_pool2d(pad_to_multiple(cell_mask.float(), patch)[None, None], patch)[0, 0]
+    return bool(((full > 0) & (full < 1)).any())
 
 
 def rollout_padding_mask(shapes: Mapping, patch: int) -> torch.Tensor:
@@ -351,13 +361,10 @@ class TokenLayout:
             self.cell_mask = self._tokens_to_map(unfold(ones, p))[0, 0] > 0
         else:
             self.blocks, self.map_shape = (pro_blocks if kind == "pro" else vconcat_blocks)(self.shapes)
-            self.cell_mask = _block_mask(self.blocks, self.map_shape)
+            self.cell_mask = block_mask(self.blocks, self.map_shape)
         self.grid = (-(-self.map_shape[0] // p), -(-self.map_shape[1] // p))
         self.padding = patch_padding(self.cell_mask, p)
-        # patches with some plane cells and some padding: their padding cells are zeroed in the DiT
-        cells = pad_to_multiple(self.cell_mask.float(), p)
-        full = F.avg_pool2d(cells[None, None], p)[0, 0]
-        self.partial = bool(((full > 0) & (full < 1)).any())
+        self.partial = has_partial_patches(self.cell_mask, p)  # their padding cells are zeroed in the DiT
 
     @property
     def num_patches(self) -> int:
@@ -384,7 +391,7 @@ class TokenLayout:
             if shapes_of(planes) != self.shapes:
                 raise OcclabError(f"plane shapes {shapes_of(planes)} differ from the layout's {self.shapes}")
             return self._tokens_to_map(unfold(planes, self.patch))
-        return _place(planes, self.blocks, self.map_shape)
+        return place_blocks(planes, self.blocks, self.map_shape)
 
     def from_map(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, C, H, W) -> {name: (B, C, a, b)}; inverse of `to_map`."""
@@ -393,7 +400,7 @@ class TokenLayout:
                 raise OcclabError(f"map of shape {tuple(m.shape[-2:])} does not match the layout's {self.map_shape}")
             n = sum(self.counts.values())
             return fold(patchify(m, self.patch)[:, :n], self.shapes, self.patch)
-        return _take(m, self.blocks, self.map_shape)
+        return take_blocks(m, self.blocks, self.map_shape)
 
     def xy_patches(self) -> torch.Tensor:
         """Indices (row-major into the patch grid) of the xy block's patches, ordered row-major over its own

@@ -270,7 +270,30 @@ class TrajectoryEmbedder(nn.Module):
         return self.mlp(traj.reshape(traj.shape[0], -1).to(self.mlp[0].weight.dtype))  # (B, D)
 
 
-class DiT(nn.Module):
+class PlaneMapInput:
+    """The input side shared by the DiTs over planes laid out on one map (HexPlane here, triplane in
+    occlab.models.xscene_diffusion): the map of an input and its kept patch tokens. Needs `layout`,
+    `config.channels`, `config.patch_size`, `cell_mask`, `keep` and `drops_padding` on the model."""
+
+    input_name = "DiT"  # how shape errors name the model
+
+    def _as_map(self, x) -> torch.Tensor:
+        m = self.layout.to_map(x) if isinstance(x, Mapping) else x
+        want = (self.config.channels, *self.layout.map_shape)
+        if m.dim() != 4 or tuple(m.shape[1:]) != want:
+            raise OcclabError(f"{self.input_name} input must be (B, {want[0]}, {want[1]}, {want[2]}), "
+                              f"got {tuple(m.shape)}")
+        return m
+
+    def _tokens(self, m: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p * p * C) of the kept patches; padding cells of partial patches zeroed."""
+        if self.layout.partial:
+            m = m * self.cell_mask.to(m.dtype)
+        tokens = patchify(pad_to_multiple(m, self.config.patch_size), self.config.patch_size)
+        return tokens[:, self.keep] if self.drops_padding else tokens
+
+
+class DiT(PlaneMapInput, nn.Module):
     """HexPlane DiT: forward(x, t, cond=None, drop=None) -> epsilon prediction shaped like x.
 
     x: the layout's map (B, C, H, W) (see `TokenLayout.to_map`) or a planes dict {name: (B, C, a, b)}.
@@ -340,20 +363,6 @@ class DiT(nn.Module):
     def loss_mask(self) -> torch.Tensor:
         """(H, W) float, 1 on plane cells: the mask of the epsilon loss on maps (padding carries no target)."""
         return self.cell_mask
-
-    def _as_map(self, x) -> torch.Tensor:
-        m = self.layout.to_map(x) if isinstance(x, Mapping) else x
-        want = (self.config.channels, *self.layout.map_shape)
-        if m.dim() != 4 or tuple(m.shape[1:]) != want:
-            raise OcclabError(f"DiT input must be (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(m.shape)}")
-        return m
-
-    def _tokens(self, m: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, p * p * C) of the kept patches; padding cells of partial patches zeroed."""
-        if self.layout.partial:
-            m = m * self.cell_mask.to(m.dtype)
-        tokens = patchify(pad_to_multiple(m, self.config.patch_size), self.config.patch_size)
-        return tokens[:, self.keep] if self.drops_padding else tokens
 
     def _drops(self, batch: int, drop, device) -> dict[str, torch.Tensor]:
         names = self.config.conditions
@@ -471,5 +480,5 @@ def model_info(config: DiTConfig) -> dict:
 
 
 __all__ = ["AXES", "COMMANDS", "CONDITIONS", "PLANES", "PRESETS", "RELEASED_PARAMS_CARLASC", "ROLLOUTS", "STACK_ORDER",
-           "DiT", "DiTBlock", "DiTConfig", "TokenLayout", "config_for_vae", "dit_paper", "dit_small", "dit_tiny",
-           "model_info", "patchify", "sincos_2d", "unpatchify"]
+           "DiT", "DiTBlock", "PlaneMapInput", "DiTConfig", "TokenLayout", "config_for_vae", "dit_paper", "dit_small",
+           "dit_tiny", "model_info", "patchify", "sincos_2d", "unpatchify"]

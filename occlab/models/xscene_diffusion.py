@@ -59,7 +59,7 @@ from einops import rearrange
 from occlab import planes as P
 from occlab.errors import OcclabError
 from occlab.models.blocks import count_parameters
-from occlab.models.dit import Attention, FinalLayer, TimestepEmbedder, modulate, sincos_2d
+from occlab.models.dit import Attention, FinalLayer, PlaneMapInput, TimestepEmbedder, modulate, sincos_2d
 from occlab.planes import Block, pad_to_multiple, patch_padding, patchify, unpatchify
 
 AXES = P.TRIPLANE_AXES  # "xyz"
@@ -113,15 +113,11 @@ class TriplaneLayout:
         self.shapes = {n: tuple(int(v) for v in tuple(shapes[n])[-2:]) for n in self.names if n in shapes}
         self.sizes = triplane_sizes(self.shapes, axes)
         self.blocks, self.map_shape = triplane_blocks(self.shapes, axes)
-        mask = torch.zeros(self.map_shape, dtype=torch.bool)
-        for b in self.blocks:
-            mask[b.row:b.row + b.height, b.col:b.col + b.width] = True
-        self.cell_mask = mask
+        self.cell_mask = P.block_mask(self.blocks, self.map_shape)
         p = self.patch
         self.grid = (-(-self.map_shape[0] // p), -(-self.map_shape[1] // p))
-        self.padding = patch_padding(mask, p)
-        full = F.avg_pool2d(pad_to_multiple(mask.float(), p)[None, None], p)[0, 0]
-        self.partial = bool(((full > 0) & (full < 1)).any())
+        self.padding = patch_padding(self.cell_mask, p)
+        self.partial = P.has_partial_patches(self.cell_mask, p)
 
     @property
     def num_patches(self) -> int:
@@ -134,25 +130,11 @@ class TriplaneLayout:
 
     def to_map(self, planes: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """{name: (..., a, b)} -> (..., H, W), padding zero."""
-        first = planes[self.names[0]]
-        out = first.new_zeros(*first.shape[:-2], *self.map_shape)
-        for b in self.blocks:
-            p = planes[b.name].transpose(-1, -2) if b.transposed else planes[b.name]
-            if tuple(p.shape[-2:]) != (b.height, b.width):
-                raise OcclabError(f"plane {b.name!r} has shape {tuple(planes[b.name].shape[-2:])}, the layout "
-                                  f"expects {self.shapes[b.name]}")
-            out[..., b.row:b.row + b.height, b.col:b.col + b.width] = p
-        return out
+        return P.place_blocks(planes, self.blocks, self.map_shape)
 
     def from_map(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
         """(..., H, W) -> {name: (..., a, b)} (views of the map); inverse of `to_map`."""
-        if tuple(m.shape[-2:]) != self.map_shape:
-            raise OcclabError(f"map of shape {tuple(m.shape[-2:])} does not match the layout's {self.map_shape}")
-        out = {}
-        for b in self.blocks:
-            v = m[..., b.row:b.row + b.height, b.col:b.col + b.width]
-            out[b.name] = v.transpose(-1, -2) if b.transposed else v
-        return {n: out[n] for n in self.names}
+        return P.take_blocks(m, self.blocks, self.map_shape, self.names)
 
     def first_patches(self) -> torch.Tensor:
         """Patch indices (row-major into `grid`) of the first plane (xy), row-major over its own patch grid."""
@@ -404,7 +386,7 @@ class BoxEmbedder(nn.Module):
         return self.out(torch.cat([pos, cls], dim=-1))
 
 
-class TriplaneDiT(nn.Module):
+class TriplaneDiT(PlaneMapInput, nn.Module):
     """Triplane denoiser: forward(x, t, cond=None, drop=None) -> epsilon prediction shaped like x.
 
     x: the rollout map (B, C, H, W) (`TriplaneLayout.to_map`) or a planes dict {name: (B, C, a, b)}.
@@ -414,6 +396,8 @@ class TriplaneDiT(nn.Module):
     eval: none), a bool (every sample), a (B,) bool tensor (all conditions of those samples), or a dict
     {"layout" | "boxes": (B,) bool}. Outputs on padding cells are exactly zero.
     """
+
+    input_name = "triplane DiT"  # how shape errors name the model
 
     def __init__(self, config: TriplaneDiTConfig):
         super().__init__()
@@ -483,19 +467,6 @@ class TriplaneDiT(nn.Module):
 
     def from_map(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.layout.from_map(m)
-
-    def _as_map(self, x) -> torch.Tensor:
-        m = self.layout.to_map(x) if isinstance(x, Mapping) else x
-        want = (self.config.channels, *self.layout.map_shape)
-        if m.dim() != 4 or tuple(m.shape[1:]) != want:
-            raise OcclabError(f"triplane DiT input must be (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(m.shape)}")
-        return m
-
-    def _tokens(self, m: torch.Tensor) -> torch.Tensor:
-        if self.layout.partial:
-            m = m * self.cell_mask.to(m.dtype)
-        tokens = patchify(pad_to_multiple(m, self.config.patch_size), self.config.patch_size)
-        return tokens[:, self.keep] if self.drops_padding else tokens
 
     def _drops(self, batch: int, drop, device) -> dict[str, torch.Tensor]:
         names = self.config.conditions
