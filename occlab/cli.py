@@ -224,6 +224,16 @@ def _generate(args) -> int:
             cond["previous"] = fit(args.previous, last=True).labels
     if args.command is not None:
         cond["command"] = int(args.command) if args.command.isdigit() else args.command
+    if args.frames is not None:  # long sequences: n files of `frames` frames, chunk by chunk
+        from pathlib import Path
+
+        from occlab.generate import generate_long
+
+        paths = [generate_long(args.ckpt, args.frames, Path(args.out) / f"long_{i:05d}.npz", steps=args.steps,
+                               sampler=args.sampler, guidance=args.guidance, cond=cond or None, seed=args.seed + i,
+                               eta=args.eta, device=args.device) for i in range(args.n)]
+        print(json.dumps({"out": str(args.out), "files": len(paths), "frames": args.frames}))
+        return 0
     paths = generate(args.ckpt, args.n, args.out, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                      cond=cond or None, seed=args.seed, batch_size=args.batch_size, eta=args.eta, device=args.device)
     print(json.dumps({"out": str(args.out), "files": len(paths)}))
@@ -369,6 +379,9 @@ def build_parser() -> Parser:
     g.add_argument("--conditions", type=_parse_conditions, default=None,
                    help="which conditions of --cond-file to use (default: all of them)")
     g.add_argument("--previous", default=None, help="occlab npz of the window before (previous-window condition)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="long sequences of this many frames, chunk by chunk, each chunk conditioned on the one "
+                        "before (needs a DiT trained with the previous condition); one npz per sample")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default="cpu")

@@ -2,6 +2,11 @@
 guidance and conditions), un-normalised with the training statistics, decoded by the VAE the DiT was trained on,
 written as occlab npz files (`labels` uint8 (T, X, Y, Z)) that `occlab eval gen` and `occlab view` read.
 
+Long sequences (`generate_long`, `occlab generate --frames N`): ceil(N / T) chunks of the VAE window T, chunk
+k + 1 sampled with chunk k's sampled latent as its previous-HexPlane condition (the normalised map the DiT was
+trained with as `previous`), decoded one by one and concatenated into one npz. Editing (inpainting,
+outpainting) lives in occlab.editing.
+
 Determinism: sample i's starting noise comes from its own generator (seeded by `seed` and i), so with DDIM at
 eta 0 a sample does not depend on `n` or the batch size; DDPM (and DDIM with eta > 0) draw their per-step noise
 from one generator per batch (seeded by `seed` and the batch's first index), so a (seed, n, batch_size) triple
@@ -142,24 +147,13 @@ def sample_latents(model, diffusion, n: int, *, steps: int = 50, sampler: str = 
     return torch.cat(maps)
 
 
-def generate(ckpt: str | os.PathLike, n: int, out_dir: str | os.PathLike, *, steps: int = 50, sampler: str = "ddim",
-             guidance: float = 1.0, cond: Mapping | None = None, seed: int = 0, batch_size: int = 8,
-             eta: float = 0.0, device: str = "cpu", ema: bool = True, progress: bool = True) -> list[Path]:
-    """Sample n sequences with the (EMA) DiT of `ckpt`, decode them with its VAE, write `sample_00000.npz`, ...
-    (occlab npz: labels uint8 (T, X, Y, Z), mask, poses, command, trajectory, layout) and `generate.json`.
-
-    `steps`: DDIM steps (DDPM always runs all of the schedule's steps). `guidance`: classifier-free guidance
-    scale (1: the conditional model, 0: the unconditional one). `cond`: see `prepare_conditions`.
-    """
-    from occlab.data.sequence import Sequence
+def load_generator(ckpt: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu") -> dict:
+    """Everything sampling needs from a DiT checkpoint: {model, vae, state, stats, geo, rec, diffusion}, on
+    `device`, checked against the VAE the DiT was trained on."""
     from occlab.diffusion import Diffusion
     from occlab.train.dit_trainer import load_dit
-    from occlab.train.latents import denormalise, latent_geometry, load_vae
+    from occlab.train.latents import latent_geometry, load_vae
 
-    if n < 1:
-        raise OcclabError(f"n must be at least 1, got {n}")
-    if sampler not in SAMPLERS:
-        raise OcclabError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     dev = torch.device(device)
     model, state = load_dit(ckpt, ema=ema)
     model.to(dev)
@@ -173,32 +167,69 @@ def generate(ckpt: str | os.PathLike, n: int, out_dir: str | os.PathLike, *, ste
         raise OcclabError(f"the VAE {vae_path} has latents {geo['sizes']} x {geo['channels']} channels, the DiT "
                           f"{tuple(model.config.sizes)} x {model.config.channels}")
     vae.to(dev)
-    stats = state["stats"]
-    dit_cond = prepare_conditions(cond, n, model, vae, stats, geo)
-    diffusion = Diffusion(int(state.get("diffusion_steps", 1000)))
-    maps = sample_latents(model, diffusion, n, steps=steps, sampler=sampler, guidance=guidance, cond=dit_cond,
-                          seed=seed, batch_size=batch_size, eta=eta, device=dev, progress=progress)
+    return {"model": model, "vae": vae, "state": state, "stats": state["stats"], "geo": geo, "rec": rec,
+            "diffusion": Diffusion(int(state.get("diffusion_steps", 1000))), "device": dev}
+
+
+@torch.no_grad()
+def decode_maps(gen: dict, maps: torch.Tensor) -> np.ndarray:
+    """Normalised latent maps (n, C, H, W) -> labels (n, T, X, Y, Z) uint8 by the generator's VAE."""
+    from occlab.train.latents import denormalise
+
+    out = []
+    for i in range(len(maps)):
+        planes = denormalise(gen["model"].layout.from_map(maps[i:i + 1].to(gen["device"])), gen["stats"])
+        out.append(gen["vae"].decode(planes).argmax(1)[0].to(torch.uint8).cpu().numpy())  # (T, X, Y, Z)
+    return np.stack(out)
+
+
+def write_sample(gen: dict, labels: np.ndarray, path: Path, *, command: int = -1, trajectory=None,
+                 seed: int = 0) -> Path:
+    """One occlab npz (labels, all-visible mask, poses from the trajectory) written atomically."""
+    from occlab.data.sequence import Sequence
+
+    T = labels.shape[0]
+    poses = poses_from_trajectory(trajectory) if trajectory is not None else np.tile(np.eye(4), (T, 1, 1))
+    seq = Sequence(labels, np.ones(labels.shape, bool), poses, command,
+                   None if trajectory is None else np.asarray(trajectory, np.float32),
+                   geometry=gen["rec"]["data"].get("geometry", "carlasc"), seed=int(seed),
+                   num_classes=gen["geo"]["num_classes"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    seq.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def generate(ckpt: str | os.PathLike, n: int, out_dir: str | os.PathLike, *, steps: int = 50, sampler: str = "ddim",
+             guidance: float = 1.0, cond: Mapping | None = None, seed: int = 0, batch_size: int = 8,
+             eta: float = 0.0, device: str = "cpu", ema: bool = True, progress: bool = True) -> list[Path]:
+    """Sample n sequences with the (EMA) DiT of `ckpt`, decode them with its VAE, write `sample_00000.npz`, ...
+    (occlab npz: labels uint8 (T, X, Y, Z), mask, poses, command, trajectory, layout) and `generate.json`.
+
+    `steps`: DDIM steps (DDPM always runs all of the schedule's steps). `guidance`: classifier-free guidance
+    scale (1: the conditional model, 0: the unconditional one). `cond`: see `prepare_conditions`.
+    """
+    if n < 1:
+        raise OcclabError(f"n must be at least 1, got {n}")
+    if sampler not in SAMPLERS:
+        raise OcclabError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    gen = load_generator(ckpt, ema, device)
+    model, state = gen["model"], gen["state"]
+    dit_cond = prepare_conditions(cond, n, model, gen["vae"], gen["stats"], gen["geo"])
+    maps = sample_latents(model, gen["diffusion"], n, steps=steps, sampler=sampler, guidance=guidance, cond=dit_cond,
+                          seed=seed, batch_size=batch_size, eta=eta, device=gen["device"], progress=progress)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    T = geo["frames"]
     for i in tqdm(range(n), desc="decode", disable=not progress, dynamic_ncols=True):
-        planes = denormalise(model.layout.from_map(maps[i:i + 1].to(dev)), stats)
-        with torch.no_grad():
-            labels = vae.decode(planes).argmax(1)[0].to(torch.uint8).cpu().numpy()  # (T, X, Y, Z)
+        labels = decode_maps(gen, maps[i:i + 1])[0]
         traj = dit_cond["trajectory"][i].numpy() if "trajectory" in dit_cond else None
         command = int(dit_cond["command"][i]) if "command" in dit_cond else -1
-        poses = poses_from_trajectory(traj) if traj is not None else np.tile(np.eye(4), (T, 1, 1))
-        seq = Sequence(labels, np.ones(labels.shape, bool), poses, command, traj,
-                       geometry=rec["data"].get("geometry", "carlasc"), seed=int(seed),
-                       num_classes=geo["num_classes"])
-        path = out / f"sample_{i:05d}.npz"
-        tmp = out / f".{path.name}.{os.getpid()}.tmp"
-        seq.save(tmp)
-        os.replace(tmp, path)
-        paths.append(path)
-    meta = {"ckpt": str(Path(ckpt).resolve()), "vae_ckpt": str(vae_path), "n": n, "steps": steps,
+        paths.append(write_sample(gen, labels, out / f"sample_{i:05d}.npz", command=command, trajectory=traj,
+                                  seed=seed))
+    meta = {"ckpt": str(Path(ckpt).resolve()), "vae_ckpt": str(state["vae_ckpt"]), "n": n, "steps": steps,
             "sampler": sampler, "eta": eta, "guidance": guidance, "seed": seed, "batch_size": batch_size,
             "ema": ema, "conditions": sorted(dit_cond), "dit_step": int(state["step"]),
             "files": [p.name for p in paths]}
@@ -206,4 +237,81 @@ def generate(ckpt: str | os.PathLike, n: int, out_dir: str | os.PathLike, *, ste
     return paths
 
 
-__all__ = ["SAMPLERS", "generate", "poses_from_trajectory", "prepare_conditions", "sample_latents"]
+# ---------------------------------------------------------------------------------------------------------
+# Long sequences: chunk by chunk, each conditioned on the previous chunk's latent
+# ---------------------------------------------------------------------------------------------------------
+
+def chunk_conditions(cond: Mapping | None, chunks: int) -> list[dict]:
+    """Per-chunk DiT conditions: a value (n, ...) used for every chunk, or a list of `chunks` of them."""
+    cond = dict(cond or {})
+    out = [{} for _ in range(chunks)]
+    for k, v in cond.items():
+        values = v if isinstance(v, (list, tuple)) else [v] * chunks
+        if len(values) != chunks:
+            raise OcclabError(f"condition {k}: {len(values)} values for {chunks} chunks")
+        for c, value in zip(out, values):
+            c[k] = value
+    return out
+
+
+@torch.no_grad()
+def sample_long(model, diffusion, chunks: int, *, cond: Mapping | None = None, first_previous=None,
+                steps: int = 50, sampler: str = "ddim", guidance: float = 1.0, seed: int = 0, eta: float = 0.0,
+                device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
+    """(chunks, C, H, W) normalised latent maps of one long sequence: chunk k + 1 is sampled with chunk k's
+    latent as its `previous` condition (when the DiT takes it); chunk 0 with `first_previous` (a map, or none).
+    `cond`: the DiT's conditions for one sample ((1, ...) each), or per chunk (see `chunk_conditions`)."""
+    if chunks < 1:
+        raise OcclabError(f"chunks must be at least 1, got {chunks}")
+    takes_previous = "previous" in model.config.conditions
+    per_chunk = chunk_conditions(cond, chunks)
+    maps, prev = [], first_previous
+    for k in tqdm(range(chunks), desc="chunks", disable=not progress, dynamic_ncols=True):
+        c = dict(per_chunk[k])
+        if takes_previous and prev is not None:
+            c["previous"] = prev
+        x = sample_latents(model, diffusion, 1, steps=steps, sampler=sampler, guidance=guidance, cond=c,
+                           seed=seed * 1_009 + k, batch_size=1, eta=eta, device=device)
+        maps.append(x)
+        prev = x
+    return torch.cat(maps)
+
+
+def generate_long(ckpt: str | os.PathLike, frames: int, out: str | os.PathLike, *, steps: int = 50,
+                  sampler: str = "ddim", guidance: float = 1.0, cond: Mapping | None = None, seed: int = 0,
+                  eta: float = 0.0, device: str = "cpu", ema: bool = True, progress: bool = True) -> Path:
+    """One sequence of `frames` frames, longer than the VAE window T, chunk by chunk (ceil(frames / T) chunks,
+    each conditioned on the previous chunk's latent), decoded and concatenated into one npz at `out` (a file,
+    or a folder that gets `long_00000.npz`). `cond` as in `generate` (one value for every chunk; `previous`
+    labels start the first chunk); a trajectory repeats per chunk and becomes the poses of the whole sequence."""
+    gen = load_generator(ckpt, ema, device)
+    model, T = gen["model"], gen["geo"]["frames"]
+    if frames < 1:
+        raise OcclabError(f"frames must be at least 1, got {frames}")
+    if "previous" not in model.config.conditions:
+        raise OcclabError(f"the DiT {ckpt} was trained without the previous-window condition, so its chunks would "
+                          f"not follow each other; train one with conditions including previous")
+    chunks = -(-frames // T)
+    dit_cond = prepare_conditions(cond, 1, model, gen["vae"], gen["stats"], gen["geo"])
+    first = dit_cond.pop("previous", None)
+    maps = sample_long(model, gen["diffusion"], chunks, cond=dit_cond, first_previous=first, steps=steps,
+                       sampler=sampler, guidance=guidance, seed=seed, eta=eta, device=gen["device"],
+                       progress=progress)
+    labels = np.concatenate(list(decode_maps(gen, maps)))[:frames]
+    traj = None
+    if "trajectory" in dit_cond:
+        traj = np.concatenate([dit_cond["trajectory"][0].numpy()] * chunks)[:frames]
+    command = int(dit_cond["command"][0]) if "command" in dit_cond else -1
+    path = Path(out)
+    if path.suffix != ".npz":
+        path = path / "long_00000.npz"
+    write_sample(gen, labels, path, command=command, trajectory=traj, seed=seed)
+    meta = {"ckpt": str(Path(ckpt).resolve()), "frames": frames, "chunks": chunks, "window": T, "steps": steps,
+            "sampler": sampler, "guidance": guidance, "seed": seed, "conditions": sorted(dit_cond),
+            "file": path.name}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+__all__ = ["SAMPLERS", "chunk_conditions", "decode_maps", "generate", "generate_long", "load_generator",
+           "poses_from_trajectory", "prepare_conditions", "sample_latents", "sample_long", "write_sample"]

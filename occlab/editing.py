@@ -1,0 +1,191 @@
+"""Editing a 4D scene on its HexPlane (DynamicCity §3 applications): inpainting and outpainting.
+
+- Inpainting keeps a region of a given scene and regenerates the rest. The region is a voxel box
+  (t0, t1, x0, x1, y0, y1, z0, z1), half-open, or a mask on the planes themselves. A box becomes the plane
+  cells it touches (`box_plane_mask`): a cell (i, j) of plane ab is kept when its a-range meets the box's
+  a-range and its b-range meets the box's b-range, which are exactly the cells the decoder's expansion reads
+  for some voxel of the box, so that the box decodes (up to the decoder's convolutions) as before. The
+  sampler (occlab.diffusion, `known` / `known_mask`) re-noises the kept cells to each step and sets them to
+  their values at the end, so the kept cells of the result equal the source latent exactly.
+- Outpainting extends the scene spatially: shift the latent by an offset (dx, dy) in voxels, a multiple of the
+  VAE's x/y downsampling rates (new voxel (x, y) = old voxel (x + dx, y + dy), so dx > 0 looks further ahead),
+  then inpaint the strip that came into view (DESIGN.md §3: outpainting = shift + inpaint). Planes holding
+  x (or y) shift along it; planes without it are kept as they are, and the kept region is the box of the
+  overlap, mapped to plane cells as above.
+
+Latents here are the DiT's normalised maps (n, C, H, W) of a token layout; masks are bool maps of the same
+(1, 1, H, W) shape.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from occlab.errors import OcclabError
+from occlab.planes import AXES, PLANES
+
+Box = Sequence[int]  # (t0, t1, x0, x1, y0, y1, z0, z1) voxels, half-open
+
+
+def _ranges(box: Box, full: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    if len(box) != 8:
+        raise OcclabError(f"a box is (t0, t1, x0, x1, y0, y1, z0, z1) in frames and voxels, got {tuple(box)}")
+    out = {}
+    for k, a in enumerate(AXES):
+        lo, hi = int(box[2 * k]), int(box[2 * k + 1])
+        if not 0 <= lo < hi <= full[a]:
+            raise OcclabError(f"box axis {a}: [{lo}, {hi}) must be a non-empty range inside 0..{full[a]}")
+        out[a] = (lo, hi)
+    return out
+
+
+def box_plane_mask(box: Box, full: Mapping[str, int], latent: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """{plane: (a', b') bool} the latent cells a voxel box touches; `full` and `latent` are the per-axis sizes
+    {t, x, y, z} of the input and of the latent (the rates are their ratios)."""
+    r = _ranges(box, full)
+    cells = {}
+    for a in AXES:
+        rate = full[a] / latent[a]
+        lo, hi = r[a]
+        cells[a] = torch.zeros(latent[a], dtype=torch.bool)
+        cells[a][int(lo // rate):int(-(-hi // rate))] = True
+    return {n: cells[n[0]][:, None] & cells[n[1]][None, :] for n in PLANES}
+
+
+def map_mask(layout, plane_mask: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Plane masks {plane: (a, b)} -> a (1, 1, H, W) bool mask of the layout's map (padding False)."""
+    m = layout.to_map({n: plane_mask[n].float()[None, None] for n in PLANES})
+    return m > 0.5
+
+
+def shift_planes(planes: Mapping[str, torch.Tensor], dx: int, dy: int) -> dict[str, torch.Tensor]:
+    """Planes {name: (..., a, b)} of a scene seen from (dx, dy) latent cells further on: planes with x (y) move
+    by dx (dy) along it, the cells that come into view are zero; planes without x and y stay."""
+    out = {}
+    for n, p in planes.items():
+        for axis, d in (("x", dx), ("y", dy)):
+            if axis in n and d:
+                dim = p.dim() - 2 + n.index(axis)
+                size = p.shape[dim]
+                if abs(d) >= size:
+                    raise OcclabError(f"shift {d} along {axis} leaves nothing of a plane of {size} cells")
+                moved = torch.zeros_like(p)
+                src = p.narrow(dim, max(d, 0), size - abs(d))
+                moved.narrow(dim, max(-d, 0), size - abs(d)).copy_(src)
+                p = moved
+        out[n] = p
+    return out
+
+
+def overlap_box(offset: tuple[int, int], full: Mapping[str, int]) -> tuple[int, ...]:
+    """The voxel box of a scene shifted by (dx, dy) voxels that still shows the old scene."""
+    dx, dy = (int(v) for v in offset)
+    X, Y = full["x"], full["y"]
+    if abs(dx) >= X or abs(dy) >= Y:
+        raise OcclabError(f"offset {offset} moves the whole {X}x{Y} grid out of view; nothing to keep")
+    return (0, full["t"], max(-dx, 0), X - max(dx, 0), max(-dy, 0), Y - max(dy, 0), 0, full["z"])
+
+
+@torch.no_grad()
+def inpaint_latent(model, diffusion, known: torch.Tensor, known_mask: torch.Tensor, *, cond: Mapping | None = None,
+                   steps: int = 50, sampler: str = "ddim", guidance: float = 1.0, seed: int = 0,
+                   eta: float = 0.0) -> torch.Tensor:
+    """Sample maps (n, C, H, W) whose `known_mask` cells equal `known` (n, C, H, W) exactly; the rest is
+    generated by the DiT (conditions `cond` in the DiT's form, classifier-free guidance `guidance`)."""
+    from occlab.diffusion import cfg_model
+
+    device = next(model.parameters()).device
+    known = known.to(device)
+    gen = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(known.shape, generator=gen).to(device)
+    cond = {k: v.to(device) for k, v in dict(cond or {}).items()}
+    fn = cfg_model(model, cond, guidance if cond else 1.0) if model.config.conditions else model
+    kw = {"noise": noise, "known": known, "known_mask": known_mask.to(device), "generator": gen}
+    if sampler == "ddim":
+        return diffusion.ddim_sample(fn, steps=steps, eta=eta, **kw)
+    if sampler == "ddpm":
+        return diffusion.ddpm_sample(fn, **kw)
+    raise OcclabError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+
+
+def _sizes(gen: dict) -> tuple[dict, dict]:
+    geo = gen["geo"]
+    full = dict(zip(AXES, (geo["frames"], *geo["grid"])))
+    return full, dict(zip(AXES, geo["sizes"]))
+
+
+@torch.no_grad()
+def encode_map(gen: dict, labels) -> torch.Tensor:
+    """(T, X, Y, Z) labels -> the normalised (1, C, H, W) map the DiT of `gen` (occlab.generate.load_generator)
+    works on."""
+    from occlab.train.latents import normalise
+    from occlab.train.trainer import model_input
+
+    lab = torch.as_tensor(np.asarray(labels)).long()
+    want = (gen["geo"]["frames"], *gen["geo"]["grid"])
+    if tuple(lab.shape) != want:
+        raise OcclabError(f"the scene to edit must be one VAE window {want}, got {tuple(lab.shape)}")
+    mu = gen["vae"].encode(model_input(lab[None].to(gen["device"])))["mu"]
+    return gen["model"].layout.to_map(normalise({k: v.float() for k, v in mu.items()}, gen["stats"]))
+
+
+def inpaint_scene(gen: dict, labels, box: Box | None = None, plane_mask: Mapping | None = None, *,
+                  cond: Mapping | None = None, **kw) -> dict:
+    """Keep `box` (or `plane_mask`) of a scene (T, X, Y, Z), regenerate the rest: {labels (T, X, Y, Z) uint8,
+    map, known, mask}. `cond`: user conditions (occlab.generate.prepare_conditions); `kw`: `inpaint_latent`'s."""
+    from occlab.generate import decode_maps, prepare_conditions
+
+    full, latent = _sizes(gen)
+    if (box is None) == (plane_mask is None):
+        raise OcclabError("give either a voxel box or a plane mask to keep")
+    pm = box_plane_mask(box, full, latent) if box is not None else plane_mask
+    mask = map_mask(gen["model"].layout, pm)
+    known = encode_map(gen, labels)
+    dit_cond = prepare_conditions(cond, 1, gen["model"], gen["vae"], gen["stats"], gen["geo"])
+    x = inpaint_latent(gen["model"], gen["diffusion"], known, mask, cond=dit_cond, **kw)
+    return {"labels": decode_maps(gen, x.cpu())[0], "map": x.cpu(), "known": known.cpu(), "mask": mask.cpu()}
+
+
+def outpaint_scene(gen: dict, labels, offset: tuple[int, int], *, cond: Mapping | None = None, **kw) -> dict:
+    """The scene (T, X, Y, Z) seen from `offset` (dx, dy) voxels further on: the overlap kept (shifted), the
+    strip that comes into view generated. {labels, map, known (the shifted source), mask}."""
+    from occlab.generate import decode_maps, prepare_conditions
+
+    full, latent = _sizes(gen)
+    dx, dy = (int(v) for v in offset)
+    rx, ry = full["x"] // latent["x"], full["y"] // latent["y"]
+    if dx % rx or dy % ry:
+        raise OcclabError(f"offset {offset} must be a multiple of the latent's cell ({rx}, {ry}) voxels")
+    layout = gen["model"].layout
+    source = encode_map(gen, labels)
+    known = layout.to_map(shift_planes(layout.from_map(source), dx // rx, dy // ry))
+    mask = map_mask(layout, box_plane_mask(overlap_box((dx, dy), full), full, latent))
+    dit_cond = prepare_conditions(cond, 1, gen["model"], gen["vae"], gen["stats"], gen["geo"])
+    x = inpaint_latent(gen["model"], gen["diffusion"], known, mask, cond=dit_cond, **kw)
+    return {"labels": decode_maps(gen, x.cpu())[0], "map": x.cpu(), "known": known.cpu(), "mask": mask.cpu()}
+
+
+def shift_labels(labels: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
+    """(T, X, Y, Z) labels seen from (dx, dy) voxels further on; the cells that come into view are 255."""
+    dx, dy = (int(v) for v in offset)
+    lab = np.asarray(labels)
+    out = np.full_like(lab, 255)
+    X, Y = lab.shape[1:3]
+    out[:, max(-dx, 0):X - max(dx, 0), max(-dy, 0):Y - max(dy, 0)] = \
+        lab[:, max(dx, 0):X - max(-dx, 0), max(dy, 0):Y - max(-dy, 0)]
+    return out
+
+
+def save_edit(gen: dict, result: dict, path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write an edit's labels as an occlab npz."""
+    from occlab.generate import write_sample
+
+    return write_sample(gen, result["labels"], Path(path), seed=seed)
+
+
+__all__ = ["box_plane_mask", "encode_map", "inpaint_latent", "inpaint_scene", "map_mask", "outpaint_scene",
+           "overlap_box", "save_edit", "shift_labels", "shift_planes"]
