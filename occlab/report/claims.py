@@ -73,6 +73,13 @@ CLAIMS: tuple[Claim, ...] = (
           "miou", "planar/dynamic", "planar/concat", notebook="06_fusion_ablation", paper_values=(75.61, 63.71)),
     Claim("sep-t4-planar", "SEP-4D Tab. 4", "planar factorization beats the 3D conv + SE encoder in mIoU", "miou",
           "planar/sep", "conv3d_se/sep", notebook="06_fusion_ablation", paper_values=(76.41, 46.74)),
+    # DynamicCity Tab. 5 and Tab. 2 (helper h1: variants are rollouts / generators; 3D FID on CarlaSC)
+    Claim("dc-t5-pro-vconcat", "DynamicCity Tab. 5", "padded rollout has lower 3D FID than vertical concatenation",
+          "fid_3d", "pro", "vconcat", lower=True, notebook="05_rollout_ablation", paper_values=(354.2, 623.2)),
+    Claim("dc-t5-vconcat-unfold", "DynamicCity Tab. 5", "vertical concatenation has lower 3D FID than direct unfold",
+          "fid_3d", "vconcat", "unfold", lower=True, notebook="05_rollout_ablation", paper_values=(623.2, 9110)),
+    Claim("dc-t2-dc-occsora", "DynamicCity Tab. 2", "DynamicCity has lower 3D FID than OccSora", "fid_3d",
+          "dynamiccity", "occsora", lower=True, notebook="02_generation", paper_values=(354.2, 1559)),
 )
 
 
