@@ -158,6 +158,18 @@ def _model_info(args) -> int:
     return 0
 
 
+def _bench_step(args) -> int:
+    from occlab.bench import BenchSpec, run
+
+    spec = BenchSpec(model=args.model, task=args.task, geometry=args.geometry, frames=args.frames, batch=args.batch,
+                     device=args.device, threads=args.threads, precision=args.precision, steps=args.steps,
+                     warmup=args.warmup, small=args.small, reference=args.reference, checkpoint=args.checkpoint,
+                     frame_chunk=args.frame_chunk)
+    result = run(spec)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 DIT_CONDITIONS = ("command", "trajectory", "layout", "previous")  # = occlab.models.dit.CONDITIONS (tested)
 ROLLOUTS = ("pro", "unfold", "vconcat")  # = occlab.planes.ROLLOUTS (tested)
 SAMPLERS = ("ddim", "ddpm")
@@ -401,6 +413,26 @@ def build_parser() -> Parser:
     info.add_argument("--rates", type=_parse_rates, default=None, help="dynamiccity, sep4d (default 2,2,2,2)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_model_info)
+
+    be = sub.add_parser("bench", help="speed and peak memory of one training step (one workload per process)")
+    besub = be.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    bs = besub.add_parser("step", help="s/step (median after warm-up) and peak memory as JSON")
+    bs.add_argument("--model", choices=["dynamiccity-vae", "dynamiccity-dit"], default="dynamiccity-vae")
+    bs.add_argument("--task", choices=["train", "encode-decode"], default="train")
+    bs.add_argument("--geometry", choices=["carlasc", "occ3d"], default="carlasc")
+    bs.add_argument("--frames", type=int, default=16)
+    bs.add_argument("--batch", type=int, default=1)
+    bs.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    bs.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    bs.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    bs.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
+    bs.add_argument("--warmup", type=int, default=1)
+    bs.add_argument("--small", action="store_true", help="64x64x8, T = 8 instead of the geometry's grid")
+    bs.add_argument("--reference", action="store_true", help="the plain reference path (VAE)")
+    bs.add_argument("--checkpoint", action="store_true", help="activation checkpointing (VAE)")
+    bs.add_argument("--frame-chunk", type=int, default=0, help="frames per chunk of the per-frame 3D stages")
+    bs.add_argument("--json", action="store_true", help="one line")
+    bs.set_defaults(func=_bench_step)
 
     ev = sub.add_parser("eval", help="evaluate predictions")
     esub = ev.add_subparsers(dest="eval_command", required=True, parser_class=Parser)

@@ -17,15 +17,26 @@ Matching the released code (github.com/3DTopia/DynamicCity, conf/vae/model/vae.y
 - attention dropout is applied in training only (`attn_dropout`; the released flash-attn call also drops in
   eval) and is a separate field because on CPU any attention dropout forces PyTorch's O(L^2)-memory kernel;
 - no fp32 one-hot of the input (an embedding lookup), the positional encoding is a constant buffer.
+
+How the model is computed (never what it computes) is set by `Compute` (model.compute): the fast path (default)
+runs the per-frame 3D stages channels-last with group-norm kernels for instance norm, 1x1x1 convolutions as
+matrix products, the one-hot frame index of the time backbone as a per-frame bias (its replicate-padded conv of
+a constant one-hot is the kernel's sum), the decoder head's positional-encoding half as one product with the
+constant encoding instead of a concatenation; `checkpoint` recomputes the per-frame stages in backward, one
+`frame_chunk` at a time. The reference path (`fast=False`, no chunks) is the plain module-by-module run; tests
+hold the two to the same outputs and gradients.
 """
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.utils.checkpoint import checkpoint
 
 from occlab import planes as P
 from occlab.classes import NUM_CLASSES_CARLASC
@@ -142,6 +153,66 @@ PRESETS = {"paper": dynamiccity_paper, "small": dynamiccity_small, "tiny": dynam
 
 
 # ---------------------------------------------------------------------------------------------------------
+# How the model is computed: fast kernels, activation checkpointing, frame chunks
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Compute:
+    """How a DynamicCity runs (not part of its config: same parameters, same outputs within rounding)."""
+
+    fast: bool = True  # channels-last kernels, 1x1x1 convs as matmuls, frame index and PE as products
+    checkpoint: bool = False  # recompute the per-frame 3D stages in backward (activation checkpointing)
+    frame_chunk: int = 0  # rows (B*T frames) per chunk of the per-frame 3D stages; 0: all (4 with checkpoint)
+
+    def chunk(self, rows: int) -> int:
+        """Rows per chunk for `rows` frames."""
+        size = self.frame_chunk or (4 if self.checkpoint else rows)
+        return max(1, min(size, rows))
+
+
+def _cl(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, X, Y, Z) in channels-last-3D memory (a no-op when it already is)."""
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _layer(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One layer of a 3D stage on a channels-last (N, C, X, Y, Z) tensor, with the fast kernel where one exists."""
+    if isinstance(m, nn.InstanceNorm3d) and not m.track_running_stats:
+        # one group per channel = instance norm; in fp32 (under bf16 autocast the next conv casts back): the
+        # CPU's bf16 channels-last group-norm backward is 3x slower than the fp32 one
+        return F.group_norm(x.float(), x.shape[1], m.weight, m.bias, m.eps)
+    if isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1) and m.stride == (1, 1, 1) and m.groups == 1:
+        y = F.linear(x.permute(0, 2, 3, 4, 1), m.weight.flatten(1), m.bias)  # (N, X, Y, Z, C_out)
+        return y.permute(0, 4, 1, 2, 3)  # (N, C_out, X, Y, Z), channels-last memory
+    return m(x)
+
+
+def _sequential(layers, x: torch.Tensor) -> torch.Tensor:
+    for m in layers:
+        x = _layer(m, x)
+    return x
+
+
+def _residual(block: ResidualBlock3d, x: torch.Tensor) -> torch.Tensor:
+    """ResidualBlock3d on a channels-last tensor."""
+    return x + _sequential(block.body, x)  # (N, C, X, Y, Z)
+
+
+def _rows(fn, compute: Compute, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run a per-row (per-frame) function over chunks of rows, checkpointed if asked; concatenate its outputs."""
+    rows = inputs[0].shape[0]
+    size = compute.chunk(rows)
+    ckpt = compute.checkpoint and torch.is_grad_enabled()
+    outs = []
+    for start in range(0, rows, size):
+        part = [t[start:start + size] for t in inputs]
+        outs.append(checkpoint(fn, *part, use_reentrant=False) if ckpt else fn(*part))
+    if len(outs) == 1:
+        return outs[0]
+    return tuple(torch.cat(o, dim=0) for o in zip(*outs))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Encoder
 # ---------------------------------------------------------------------------------------------------------
 
@@ -162,6 +233,13 @@ class VoxelBackbone(nn.Module):
         x = self.res_in(self.conv_in(x))  # (B*T, C, X, Y, Z)
         for step in self.down:
             x = step(x)  # (B*T, C, X/2.., Y/2.., Z/2..)
+        return x  # (B*T, C, X/dX, Y/dY, Z/dZ)
+
+    def fast_after_conv_in(self, x: torch.Tensor) -> torch.Tensor:  # (B*T, C, X, Y, Z) channels-last
+        """Everything after conv_in, channels-last with the fast kernels."""
+        x = _residual(self.res_in, x)  # (B*T, C, X, Y, Z)
+        for down, res in self.down:
+            x = _residual(res, _sequential([down.conv, down.norm], x))  # (B*T, C, X/2.., Y/2.., Z/2..)
         return x  # (B*T, C, X/dX, Y/dY, Z/dZ)
 
 
@@ -196,7 +274,10 @@ class AxisReducer(nn.Module):
             tokens = rearrange(x, self.to_tokens)  # (B * kept, n, C), e.g. "xy": (B*X*Y, T*Z, C)
             query = self.query.expand(tokens.shape[0], -1, -1)  # (B * kept, 1, C)
             tokens = torch.cat([query, tokens], dim=1) + self.pos  # (B * kept, 1 + n, C)
-            h = self.head(self.transformer(tokens, first_row_only=True)[:, 0])  # (B * kept, C): the query's output
+            # on CPU the transformer stays fp32 under autocast: bf16 attention at head dim 8 is slower there
+            with torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else nullcontext():
+                h = self.transformer(tokens.float(), first_row_only=True)[:, 0]  # (B * kept, C): the query's output
+            h = self.head(h)  # (B * kept, C)
             return rearrange(h, f"(b {' '.join(self.kept)}) c -> b c {' '.join(self.kept)}", **self.kept_sizes)
         h = x.mean(dim=self.reduce_dims)  # (B, C, *kept)
         return self.head(h.movedim(1, -1)).movedim(-1, 1)  # (B, C, *kept)
@@ -237,6 +318,28 @@ class HexPlaneEncoder(nn.Module):
         self.time_down = nn.ModuleDict({n: TimeDownsampler(C, cfg.rates[0]) for n in PLANES if "t" in n})
         if cfg.vae:
             self.gaussians = nn.ModuleDict({n: GaussianHead(C) for n in PLANES})
+        self.compute = Compute()  # shared with the model (DynamicCity sets it)
+
+    def _frames_reference(self, labels: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """labels (n, X, Y, Z), frame index (n,) -> both backbones' outputs (n, C, X', Y', Z'), module by module."""
+        n, X, Y, Z = labels.shape
+        h = rearrange(self.embedding(labels.long()), "n x y z c -> n c x y z")  # (n, C, X, Y, Z)
+        frame = F.one_hot(frames, self.cfg.frames).to(h.dtype)  # (n, T) one-hot frame index
+        frame = repeat(frame, "n k -> n k x y z", x=X, y=Y, z=Z)  # (n, T, X, Y, Z)
+        return self.spatial(h), self.temporal(torch.cat([h, frame], dim=1))  # (n, C, X', Y', Z') x 2
+
+    def _frames_fast(self, labels: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same, channels-last; the time backbone's one-hot frame channels enter as a per-frame bias: a
+        replicate-padded conv of a constant channel is that channel's kernel sum at every voxel."""
+        h = self.embedding(labels.long()).permute(0, 4, 1, 2, 3)  # (n, C, X, Y, Z), channels-last memory
+        C = h.shape[1]
+        spatial = self.spatial.fast_after_conv_in(self.spatial.conv_in(h))  # (n, C, X', Y', Z')
+        conv = self.temporal.conv_in  # Conv3d(C + T, C, 3, padding=1, replicate)
+        padded = F.pad(h, conv._reversed_padding_repeated_twice, mode="replicate")  # (n, C, X+2, Y+2, Z+2)
+        t = F.conv3d(padded, conv.weight[:, :C], conv.bias)  # (n, C, X, Y, Z)
+        frame_bias = conv.weight[:, C:].sum(dim=(2, 3, 4)).t()[frames]  # (n, C)
+        t = t + frame_bias[:, :, None, None, None]  # (n, C, X, Y, Z)
+        return spatial, self.temporal.fast_after_conv_in(t)  # (n, C, X', Y', Z') x 2
 
     def forward(self, labels: torch.Tensor) -> dict:
         cfg = self.cfg
@@ -244,12 +347,10 @@ class HexPlaneEncoder(nn.Module):
         if (T, X, Y, Z) != (cfg.frames, *cfg.grid):
             raise OcclabError(f"DynamicCity expects labels (B, {cfg.frames}, {', '.join(map(str, cfg.grid))}), "
                               f"got {tuple(labels.shape)}")
-        h = self.embedding(labels.long())  # (B, T, X, Y, Z, C)
-        h = rearrange(h, "b t x y z c -> (b t) c x y z")  # (B*T, C, X, Y, Z)
-        frame = torch.eye(T, dtype=h.dtype, device=h.device)  # (T, T) one-hot frame index
-        frame = repeat(frame, "t k -> (b t) k x y z", b=B, x=X, y=Y, z=Z)  # (B*T, T, X, Y, Z)
-        vol = rearrange(self.spatial(h), "(b t) c x y z -> b c t x y z", b=B)  # (B, C, T, X', Y', Z')
-        tvol = self.temporal(torch.cat([h, frame], dim=1))  # (B*T, C, X', Y', Z')
+        frames = torch.arange(B * T, device=labels.device) % T  # (B*T,) frame index of every row
+        stage = self._frames_fast if self.compute.fast else self._frames_reference
+        vol, tvol = _rows(stage, self.compute, labels.reshape(B * T, X, Y, Z), frames)  # (B*T, C, X', Y', Z') x 2
+        vol = rearrange(vol, "(b t) c x y z -> b c t x y z", b=B)  # (B, C, T, X', Y', Z')
         tvol = rearrange(tvol, "(b t) c x y z -> b c t x y z", b=B)  # (B, C, T, X', Y', Z')
 
         xyz = self.reducers["xyz"](vol)  # (B, C, X', Y', Z')
@@ -336,16 +437,71 @@ class ESSDecoder(nn.Module):
             nn.Conv3d(K, K, 1),
         )
 
+        self.compute = Compute()  # shared with the model (DynamicCity sets it)
+
     def forward(self, planes: dict[str, torch.Tensor]) -> torch.Tensor:  # {name: (B, C, a, b)}
         planes = {n: self.upsamplers[n](self.plane_convs[n](planes[n])) for n in PLANES}  # (B, Q, a, b), t full
-        vol = P.expand(planes, AXES, op=self.cfg.expansion)  # (B, Q, T, X', Y', Z')
+        B, T = planes["tx"].shape[0], self.cfg.frames
+        # everything after the expansion is per frame: run it in chunks of frames (exact; instance norms are
+        # per frame); the rows are frames t of every sample b, so chunk over t and keep b whole
+        times = torch.arange(T, device=planes["tx"].device)  # (T,)
+        stage = self._frames_fast if self.compute.fast else self._frames_reference
+        chunk = Compute(self.compute.fast, self.compute.checkpoint,
+                        max(1, self.compute.chunk(B * T) // B))  # frames per chunk
+        spatial = {n: planes[n] for n in ("xy", "xz", "yz")}  # (B, Q, a, b): every chunk reads them whole
+        logits = _rows(lambda t, tx, ty, tz: (stage(t, tx, ty, tz, spatial),), chunk, times,
+                       *(planes[n].movedim(2, 0) for n in ("tx", "ty", "tz")))[0]  # (T, B, ...), chunks on t
+        if self.compute.fast:
+            return rearrange(logits, "t b x y z k -> b k t x y z")  # (B, K, T, X, Y, Z), channels-last memory
+        return rearrange(logits, "t b k x y z -> b k t x y z")  # (B, K, T, X, Y, Z)
+
+    def _pe(self, times: torch.Tensor) -> torch.Tensor:
+        """The constant encoding of the consecutive frames `times` (8F, t, X, Y, Z): a view, never a copy."""
+        pe = self.pe()  # (8F, T, X, Y, Z)
+        if times.numel() == pe.shape[1]:
+            return pe
+        start = int(times[0])
+        return pe[:, start:start + times.numel()]
+
+    def _frames_reference(self, times: torch.Tensor, tx, ty, tz, spatial: dict) -> torch.Tensor:
+        """Frames `times` (t,), time planes (t, B, Q, a) -> logits (t, B, K, X, Y, Z), module by module."""
+        planes = {**spatial, "tx": tx.movedim(0, 2), "ty": ty.movedim(0, 2), "tz": tz.movedim(0, 2)}
+        vol = P.expand(planes, AXES, op=self.cfg.expansion)  # (B, Q, t, X', Y', Z')
         B = vol.shape[0]
-        h = rearrange(vol, "b c t x y z -> (b t) c x y z")  # (B*T, Q, X', Y', Z')
-        h = self.res1(self.res3(self.conv_in(h)))  # (B*T, Hl, X', Y', Z')
-        h = self.up(h)  # (B*T, Hh, X, Y, Z)
-        pe = repeat(self.pe(), "c t x y z -> (b t) c x y z", b=B)  # (B*T, 8F, X, Y, Z)
-        logits = self.head(torch.cat([h, pe], dim=1))  # (B*T, K, X, Y, Z)
-        return rearrange(logits, "(b t) k x y z -> b k t x y z", b=B)  # (B, K, T, X, Y, Z)
+        h = rearrange(vol, "b c t x y z -> (b t) c x y z")  # (B*t, Q, X', Y', Z')
+        h = self.res1(self.res3(self.conv_in(h)))  # (B*t, Hl, X', Y', Z')
+        h = self.up(h)  # (B*t, Hh, X, Y, Z)
+        pe = repeat(self._pe(times), "c t x y z -> (b t) c x y z", b=B)  # (B*t, 8F, X, Y, Z)
+        logits = self.head(torch.cat([h, pe], dim=1))  # (B*t, K, X, Y, Z)
+        return rearrange(logits, "(b t) k x y z -> t b k x y z", b=B)  # (t, B, K, X, Y, Z)
+
+    def _frames_fast(self, times: torch.Tensor, tx, ty, tz, spatial: dict) -> torch.Tensor:
+        """The same channels-last: expansion straight into (B, t, X', Y', Z', Q), 1x1x1 convs as matmuls, and
+        the head's first conv split into its feature half and a product with the constant encoding (no concat).
+        Returns logits (t, B, X, Y, Z, K)."""
+        views = [tx.permute(1, 0, 3, 2)[:, :, :, None, None],  # (B, t, X', 1, 1, Q)
+                 ty.permute(1, 0, 3, 2)[:, :, None, :, None],  # (B, t, 1, Y', 1, Q)
+                 tz.permute(1, 0, 3, 2)[:, :, None, None, :]]  # (B, t, 1, 1, Z', Q)
+        for n in ("xy", "xz", "yz"):
+            p = spatial[n].permute(0, 2, 3, 1)  # (B, a, b, Q)
+            views.append(p[:, None, :, :, None] if n == "xy" else
+                         p[:, None, :, None, :] if n == "xz" else p[:, None, None, :, :])
+        vol = P.combine(views, self.cfg.expansion)  # (B, t, X', Y', Z', Q)
+        B, t = vol.shape[:2]
+        h = vol.reshape(B * t, *vol.shape[2:]).permute(0, 4, 1, 2, 3)  # (B*t, Q, X', Y', Z'), channels-last
+        h = _cl(h)  # a "sum" expansion may come out broadcast
+        h = _sequential(self.conv_in, h)  # (B*t, Hl, X', Y', Z')
+        h = _residual(self.res1, _residual(self.res3, h))  # (B*t, Hl, X', Y', Z')
+        h = self.up(h)  # (B*t, Hh, X, Y, Z), channels-last
+        first = self.head[0]  # Conv3d(Hh + 8F, K, 1)
+        w = first.weight.flatten(1)  # (K, Hh + 8F)
+        Hh = h.shape[1]
+        y = F.linear(h.permute(0, 2, 3, 4, 1), w[:, :Hh])  # (B*t, X, Y, Z, K)
+        pe = self._pe(times)  # (8F, t, X, Y, Z)
+        pe_term = F.linear(pe.flatten(1).t(), w[:, Hh:], first.bias)  # (t*X*Y*Z, K): the encoding's half
+        y = (y.reshape(B, -1, y.shape[-1]) + pe_term).reshape(y.shape)  # (B*t, X, Y, Z, K)
+        y = _sequential(self.head[1:], y.permute(0, 4, 1, 2, 3))  # (B*t, K, X, Y, Z), channels-last
+        return rearrange(y.permute(0, 2, 3, 4, 1), "(b t) x y z k -> t b x y z k", b=B)  # (t, B, X, Y, Z, K)
 
 
 class QueryDecoder(nn.Module):
@@ -398,7 +554,18 @@ class DynamicCity(nn.Module):
         self.config = config
         self.encoder = HexPlaneEncoder(config)
         self.decoder = ESSDecoder(config) if config.decoder == "ess" else QueryDecoder(config)
+        self.compute = Compute()
         self.initialize_weights()
+
+    @property
+    def compute(self) -> Compute:
+        """How the model runs (fast kernels, checkpointing, frame chunks); assigning it reaches every part."""
+        return self.encoder.compute
+
+    @compute.setter
+    def compute(self, value: Compute) -> None:
+        self.encoder.compute = value
+        self.decoder.compute = value
 
     def initialize_weights(self):
         """Explicit init. As released: the reducers' query tokens and positional encodings ~ N(0, 1), the plane
@@ -442,5 +609,5 @@ def model_info(config: DynamicCityConfig) -> dict:
     }
 
 
-__all__ = ["DynamicCity", "DynamicCityConfig", "PRESETS", "RELEASED_PARAMS_CARLASC", "dynamiccity_paper",
+__all__ = ["Compute", "DynamicCity", "DynamicCityConfig", "PRESETS", "RELEASED_PARAMS_CARLASC", "dynamiccity_paper",
            "dynamiccity_small", "dynamiccity_tiny", "model_info"]
