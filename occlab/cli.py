@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from occlab.errors import OcclabError
 
@@ -130,7 +131,77 @@ def _eval_gen(args) -> int:
                         dataset=args.dataset, geometry=args.geometry, frame_stride=args.frame_stride,
                         device=args.device)
     res = {k: (None if isinstance(v, float) and v != v else v) for k, v in res.items()}  # NaN is not JSON
+    if args.compare:  # refuse to set this result beside one from another metric network
+        from occlab.metrics.generation import compare_results
+
+        try:
+            other = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as e:
+            raise OcclabError(f"--compare {args.compare}: not a JSON result of `occlab eval gen` ({e})") from e
+        compare_results(other, res)
+        res["compared_with"] = {k: other.get(k) for k in ("fid", "kid", "precision", "recall", "network_version")}
     print(json.dumps(res) if args.json else json.dumps(res, indent=2))
+    return 0
+
+
+def _metrics_build(args) -> int:
+    from occlab.metrics import networks
+
+    nets = networks.build(args.dataset, args.data_root, args.geometry, tuple(args.grid) if args.grid else None,
+                          tuple(args.kinds), args.out, args.device, args.force)
+    for net in nets:
+        print(f"{net.name}: {net.path} (sha256 {net.manifest['sha256'][:12]})")
+    return 0
+
+
+def _metrics_list(args) -> int:
+    from occlab.metrics import networks
+
+    nets = networks.installed()
+    if args.json:
+        print(json.dumps([{"name": n.name, "path": str(n.path), "committed": n.committed, **n.manifest}
+                          for n in nets], indent=2))
+        return 0
+    if not nets:
+        print(f"no metric networks installed (committed: {networks.COMMITTED}, user: {networks.user_root()})")
+    for n in nets:
+        m = n.manifest
+        print(f"{n.name:45s} {'committed' if n.committed else 'user':9s} sha256 {m['sha256'][:12]} "
+              f"torch {m.get('torch', '?'):8s} reference n={m['reference_split']['count']}  {n.path}")
+    return 0
+
+
+def _runs_list(args) -> int:
+    from occlab.train import runs
+
+    rows = [runs.summary(r) for r in runs.list_runs(args.root)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs under {args.root or runs.runs_dir()}")
+    for r in rows:
+        final = " ".join(f"{k}={v:.4g}" for k, v in r["final"].items()) or "-"
+        print(f"{r['id']:28s} {r['model']:14s} {'done' if r['finished'] else 'open':4s} {r['date']}  "
+              f"{r['config']}  {final}")
+    return 0
+
+
+def _runs_show(args) -> int:
+    from occlab.train import runs
+
+    print(json.dumps(runs.show(runs.find_run(args.id, args.root)), indent=2, default=str))
+    return 0
+
+
+def _runs_reproduce(args) -> int:
+    import tempfile
+
+    from occlab.train import runs
+
+    scratch = args.scratch or tempfile.mkdtemp(prefix="occlab-reproduce-")
+    res = runs.reproduce(args.id, scratch, args.root, progress=not args.quiet)
+    print(json.dumps(res, indent=2, default=str))
     return 0
 
 
@@ -204,6 +275,10 @@ def _train_dit(args) -> int:
 
 
 def _generate(args) -> int:
+    if args.model == "xscene":
+        return _generate_xscene(args)
+    if args.n is None:
+        raise OcclabError("occlab generate needs --n (number of samples) for the HexPlane DiT")
     from occlab.generate import generate
 
     cond = {}
@@ -250,6 +325,21 @@ def _generate(args) -> int:
                      cond=cond or None, seed=args.seed, batch_size=args.batch_size, eta=args.eta, device=args.device)
     print(json.dumps({"out": str(args.out), "files": len(paths)}))
     return 0
+
+def _generate_xscene(args) -> int:
+    """X-Scene: consistency-aware outpainting of an n x m map with a triplane diffusion checkpoint -> one npz."""
+    from occlab.train.triplane_diffusion import outpaint_file, read_layout
+
+    try:
+        n, m = (int(v) for v in args.outpaint.lower().split("x"))
+    except ValueError:
+        raise OcclabError(f"--outpaint wants NxM chunks, e.g. 3x3, got {args.outpaint!r}") from None
+    layout = read_layout(args.layout) if args.layout else None
+    info = outpaint_file(args.ckpt, args.out, (n, m), layout, steps=args.steps, seed=args.seed,
+                         guidance=args.guidance, resample=args.resample)
+    print(json.dumps(info))
+    return 0
+
 
 def _claims(args) -> int:
     from pathlib import Path
@@ -380,7 +470,9 @@ def build_parser() -> Parser:
 
     g = sub.add_parser("generate", help="sample occupancy sequences from a trained DiT (npz files for eval gen)")
     g.add_argument("--ckpt", required=True, help="checkpoint.pt of `occlab train dit`")
-    g.add_argument("--n", type=int, required=True, help="number of samples")
+    g.add_argument("--model", choices=("dit", "xscene"), default="dit",
+                   help="dit: HexPlane DiT samples; xscene: triplane diffusion outpainting into one large map")
+    g.add_argument("--n", type=int, default=None, help="number of samples (HexPlane DiT)")
     g.add_argument("--out", required=True, help="folder for sample_00000.npz, ...")
     g.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM runs the whole schedule)")
     g.add_argument("--sampler", choices=SAMPLERS, default="ddim")
@@ -397,6 +489,9 @@ def build_parser() -> Parser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--layout", default=None, help="xscene: BEV layout of the whole map (.npy, or .npz 'layout')")
+    g.add_argument("--outpaint", default="3x3", help="xscene: NxM chunks of the outpainted map")
+    g.add_argument("--resample", type=int, default=0, help="xscene: RePaint resamplings per sampler step")
     g.set_defaults(func=_generate)
 
     cl = sub.add_parser("claims", help="the claims ledger of a report: which of the papers' orderings held")
@@ -453,6 +548,7 @@ def build_parser() -> Parser:
     eg.add_argument("--frame-stride", type=int, default=4)
     eg.add_argument("--device", default="cpu")
     eg.add_argument("--json", action="store_true")
+    eg.add_argument("--compare", default=None, help="a saved result JSON; an error if its metric network differs")
     eg.set_defaults(func=_eval_gen)
     evv = esub.add_parser("vae", help="reconstruction metrics of a trained VAE checkpoint")
     evv.add_argument("--ckpt", required=True)
@@ -460,6 +556,39 @@ def build_parser() -> Parser:
     evv.add_argument("--device", default="cpu")
     evv.add_argument("--json", action="store_true")
     evv.set_defaults(func=_eval_vae)
+
+    me = sub.add_parser("metrics", help="frozen, versioned metric networks (occlab.metrics.networks)")
+    msub = me.add_subparsers(dest="metrics_command", required=True, parser_class=Parser)
+    mb = msub.add_parser("build", help="train the f3d/f2d networks by the fixed recipe, with reference statistics")
+    mb.add_argument("--dataset", default="synthetic_town")
+    mb.add_argument("--data-root", default=None)
+    mb.add_argument("--geometry", default="carlasc", help="synthetic town only")
+    mb.add_argument("--grid", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="an ego-centred crop")
+    mb.add_argument("--kinds", nargs="+", choices=["f3d", "f2d"], default=["f3d", "f2d"])
+    mb.add_argument("--out", default=None, help="root folder (default $OCCLAB_CACHE/metrics/networks)")
+    mb.add_argument("--device", default="cpu")
+    mb.add_argument("--force", action="store_true", help="rebuild an installed version")
+    mb.set_defaults(func=_metrics_build)
+    ml = msub.add_parser("list", help="installed metric networks (committed and user)")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(func=_metrics_list)
+
+    ru = sub.add_parser("runs", help="the run registry (occlab.train.runs)")
+    rsub = ru.add_subparsers(dest="runs_command", required=True, parser_class=Parser)
+    rl = rsub.add_parser("list", help="id, model, config, finished, final metrics, date of every run")
+    rl.add_argument("--root", default=None, help="runs root (default $OCCLAB_RUNS)")
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=_runs_list)
+    rs = rsub.add_parser("show", help="config, code revision, data fingerprint, loss curve, final metrics")
+    rs.add_argument("id")
+    rs.add_argument("--root", default=None)
+    rs.set_defaults(func=_runs_show)
+    rr = rsub.add_parser("reproduce", help="retrain a run from its config into a scratch root and compare")
+    rr.add_argument("id")
+    rr.add_argument("--root", default=None)
+    rr.add_argument("--scratch", default=None, help="where to retrain (default a new temporary folder)")
+    rr.add_argument("--quiet", action="store_true")
+    rr.set_defaults(func=_runs_reproduce)
     return p
 
 

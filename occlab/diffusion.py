@@ -10,6 +10,10 @@
   every step the known region is replaced by the known values forward-noised to the current step,
   x_t = m * q(x_t | x_0 known) + (1 - m) * x_t, and by the known values themselves at the end (exact).
   (DESIGN §3 writes the same rule with m marking the unknown region.)
+- RePaint resampling (Lugmayr et al. 2022, jump length 1): with `resample` = r > 0 every sampler step from t to
+  t_prev is done r + 1 times; between two tries the result is re-noised back to t with the forward process
+  q(x_t | x_t_prev) (x_t = sqrt(abar_t / abar_prev) x_prev + sqrt(1 - abar_t / abar_prev) z), so the unknown
+  region is denoised again in harmony with the known one. r = 0 is the plain sampler (same draws).
 
 A model is any function eps = model_fn(x_t, t) with t a (B,) long tensor. Every random draw comes from the
 given torch.Generator (a CPU generator also drives CUDA tensors), so a seed fixes the result. Sampling
@@ -194,6 +198,13 @@ class Diffusion:
         known = known.to(device=x.device, dtype=x.dtype).expand_as(x)
         return known, known_mask.to(x.device).bool().expand_as(x)
 
+    def _renoise(self, x, step: int, prev: int, generator):
+        """RePaint's jump back: a draw of q(x_step | x_prev) (prev < 0: x_prev is x_0)."""
+        ac = self.alphas_cumprod
+        a_prev = ac[prev] if prev >= 0 else torch.ones((), dtype=torch.float64)
+        ratio = ac[step] / a_prev
+        return float(ratio.sqrt()) * x + float((1 - ratio).sqrt()) * randn(x.shape, generator, x.device, x.dtype)
+
     def _x0(self, x, t, eps, clip):
         x0 = self.predict_x0(x, t, eps)
         if clip is not None:
@@ -205,45 +216,61 @@ class Diffusion:
     def ddpm_sample(self, model_fn: ModelFn, shape=None, *, generator: torch.Generator | None = None,
                     device=None, dtype=torch.float32, noise: torch.Tensor | None = None,
                     known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-                    clip: float | None = None) -> torch.Tensor:
+                    clip: float | None = None, resample: int = 0) -> torch.Tensor:
         """Ancestral sampling over all T steps: x_{t-1} = posterior mean(x_0 pred, x_t) + sigma_t z (no noise
-        at t = 0); sigma_t^2 = beta~_t ("small") or beta_t ("large"). `clip` bounds the x_0 prediction."""
+        at t = 0); sigma_t^2 = beta~_t ("small") or beta_t ("large"). `clip` bounds the x_0 prediction;
+        `resample`: RePaint resamplings per step (module docstring)."""
         x = self._start(shape, noise, generator, device, dtype)
         known, mask = self._prepare_known(known, known_mask, x)
         x = self._inpaint(x, self.steps - 1, known, mask, generator)
         var = self.posterior_variance if self.variance == "small" else self.betas
+        self._check_resample(resample)
         for i in reversed(range(self.steps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x0, _ = self._x0(x, t, model_fn(x, t), clip)
-            x = self._at("post_c0", t, x) * x0 + self._at("post_ct", t, x) * x
-            if i > 0:
-                x = x + float(var[i].sqrt()) * randn(x.shape, generator, x.device, x.dtype)
-            x = self._inpaint(x, i - 1, known, mask, generator)
+            for r in range(resample + 1):
+                if r:
+                    x = self._renoise(x, i, i - 1, generator)
+                x0, _ = self._x0(x, t, model_fn(x, t), clip)
+                x = self._at("post_c0", t, x) * x0 + self._at("post_ct", t, x) * x
+                if i > 0:
+                    x = x + float(var[i].sqrt()) * randn(x.shape, generator, x.device, x.dtype)
+                x = self._inpaint(x, i - 1, known, mask, generator)
         return x
+
+    @staticmethod
+    def _check_resample(resample: int) -> None:
+        if int(resample) != resample or resample < 0:
+            raise OcclabError(f"resample must be a whole number >= 0, got {resample!r}")
 
     @torch.no_grad()
     def ddim_sample(self, model_fn: ModelFn, shape=None, *, steps: int = 50, eta: float = 0.0,
                     generator: torch.Generator | None = None, device=None, dtype=torch.float32,
                     noise: torch.Tensor | None = None, known: torch.Tensor | None = None,
-                    known_mask: torch.Tensor | None = None, clip: float | None = None) -> torch.Tensor:
+                    known_mask: torch.Tensor | None = None, clip: float | None = None,
+                    resample: int = 0) -> torch.Tensor:
         """DDIM (Song et al. Eq. 12) over `steps` evenly spaced timesteps: x_prev = sqrt(abar_prev) x_0 +
         sqrt(1 - abar_prev - sigma^2) eps + sigma z, sigma = eta sqrt((1-abar_prev)/(1-abar)) sqrt(1 -
-        abar/abar_prev). eta 0: deterministic given the starting noise; eta 1 with steps = T: DDPM ("small")."""
+        abar/abar_prev). eta 0: deterministic given the starting noise; eta 1 with steps = T: DDPM ("small").
+        `resample`: RePaint resamplings per step (module docstring; the jump back draws fresh noise)."""
         x = self._start(shape, noise, generator, device, dtype)
         known, mask = self._prepare_known(known, known_mask, x)
         ts = self.ddim_timesteps(steps)
         x = self._inpaint(x, ts[0], known, mask, generator)
         ac = self.alphas_cumprod
+        self._check_resample(resample)
         for i, step in enumerate(ts):
             prev = ts[i + 1] if i + 1 < len(ts) else -1
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            x0, eps = self._x0(x, t, model_fn(x, t), clip)
             a, a_prev = ac[step], (ac[prev] if prev >= 0 else torch.ones((), dtype=torch.float64))
             sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
-            x = float(a_prev.sqrt()) * x0 + float((1 - a_prev - sigma ** 2).clamp_min(0).sqrt()) * eps
-            if prev >= 0 and eta > 0:
-                x = x + float(sigma) * randn(x.shape, generator, x.device, x.dtype)
-            x = self._inpaint(x, prev, known, mask, generator)
+            for r in range(resample + 1):
+                if r:
+                    x = self._renoise(x, step, prev, generator)
+                x0, eps = self._x0(x, t, model_fn(x, t), clip)
+                x = float(a_prev.sqrt()) * x0 + float((1 - a_prev - sigma ** 2).clamp_min(0).sqrt()) * eps
+                if prev >= 0 and eta > 0:
+                    x = x + float(sigma) * randn(x.shape, generator, x.device, x.dtype)
+                x = self._inpaint(x, prev, known, mask, generator)
         return x
 
     def sample(self, model_fn: ModelFn, shape=None, *, method: str = "ddpm", steps: int | None = None,

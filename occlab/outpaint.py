@@ -24,8 +24,8 @@ quite, since the decoder's plane convolutions and normalisation see the whole pl
 new). `seam_agreement` measures, per new chunk, how often its own decoding agrees with the map in its
 overlap.
 
-The paper samples the outpainting with RePaint (5 resamplings, jump 20, App. A.2); occlab.diffusion has no
-resampling loop yet, so this is Eq. 3 alone with the DDIM or DDPM sampler of occlab.diffusion.
+The paper samples the outpainting with RePaint (5 resamplings, jump 20, App. A.2); `resample` = r gives every
+sampler step r RePaint resamplings (occlab.diffusion, jump length one sampler step; default 0: Eq. 3 alone).
 """
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ class OutpaintResult:
 def outpaint_chunk(denoiser, diffusion: Diffusion, known: Mapping[str, torch.Tensor] | None = None,
                    known_mask: Mapping[str, torch.Tensor] | None = None, cond: Mapping | None = None, *,
                    steps: int = 50, guidance: float = 1.0, method: str = "ddim", eta: float = 0.0,
-                   clip: float | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                   clip: float | None = None, generator: torch.Generator | None = None,
+                   resample: int = 0) -> dict[str, torch.Tensor]:
     """One chunk's latent triplane {plane: (1, C, a, b)}, sampled with Eq. 3 inside `known_mask`.
 
     known: reference latent planes {plane: (1, C, a, b)} (values outside the mask are ignored); known_mask:
@@ -142,7 +143,7 @@ def outpaint_chunk(denoiser, diffusion: Diffusion, known: Mapping[str, torch.Ten
         kw["known_mask"] = lay.to_map({n: known_mask[n].to(device).bool() for n in lay.names})
     model_fn = cfg_model(denoiser, {k: v.to(device) for k, v in (cond or {}).items()}, guidance)
     x = diffusion.sample(model_fn, shape, method=method, steps=steps if method == "ddim" else None, eta=eta,
-                         generator=generator, device=device, clip=clip, **kw)
+                         generator=generator, device=device, clip=clip, resample=resample, **kw)
     return {n: v.contiguous() for n, v in lay.from_map(x).items()}
 
 
@@ -150,7 +151,7 @@ def outpaint(vae, denoiser, diffusion: Diffusion, layout_big: torch.Tensor | Non
              boxes_big: torch.Tensor | None = None, chunks=(3, 3), overlap=None, steps: int = 50, seed: int = 0, *,
              scene: torch.Tensor | None = None, guidance: float = 1.0, method: str = "ddim", eta: float = 0.0,
              clip: float | None = None, stats: Mapping | None = None, voxel_size=(1.0, 1.0, 1.0),
-             min_bound=(0.0, 0.0, 0.0), details: bool = False):
+             min_bound=(0.0, 0.0, 0.0), details: bool = False, resample: int = 0):
     """Generate an n x m map of chunks by consistency-aware outpainting -> labels (X_big, Y_big, Z) uint8.
 
     vae: an X-Scene VAE (its grid is the chunk); denoiser: a TriplaneDiT over its latent; diffusion: the
@@ -161,7 +162,8 @@ def outpaint(vae, denoiser, diffusion: Diffusion, layout_big: torch.Tensor | Non
     overlap: voxels shared by neighbouring chunks along x and y (one number or two; default half a chunk),
     multiples of the VAE's downsampling. scene: an existing (X, Y, Z) scene to extend (chunk (0, 0), kept as
     it is); otherwise chunk (0, 0) is sampled. steps, method, eta, clip: the sampler (DDIM by default; clip
-    bounds its x_0 predictions); guidance: classifier-free guidance scale. stats: {"mean", "std": {plane: (C,)}}
+    bounds its x_0 predictions; resample: RePaint resamplings per step); guidance: classifier-free guidance
+    scale. stats: {"mean", "std": {plane: (C,)}}
     when the denoiser was trained on normalised latents (x = (h - mean) / std): sampling and the overlap
     synchronisation happen in that space, the VAE decodes h = x * std + mean. The same seed gives the same map;
     details=True returns an OutpaintResult.
@@ -222,7 +224,8 @@ def outpaint(vae, denoiser, diffusion: Diffusion, layout_big: torch.Tensor | Non
                 with torch.no_grad():
                     planes = outpaint_chunk(denoiser, diffusion, known if any_known else None,
                                             mask if any_known else None, cond, steps=steps, guidance=guidance,
-                                            method=method, eta=eta, clip=clip, generator=generator)
+                                            method=method, eta=eta, clip=clip, generator=generator,
+                                            resample=resample)
                     chunk = decode_labels(vae, _normalise(planes, stats, inverse=True))[0]
             for n in names:
                 key = (n, tuple(index[a] for a in CHUNK_AXES if a not in n))

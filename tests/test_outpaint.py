@@ -8,8 +8,15 @@ from occlab.diffusion import Diffusion
 from occlab.errors import OcclabError
 from occlab.models.xscene import XSceneVAE, xscene_tiny
 from occlab.models.xscene_diffusion import TriplaneDiT, config_for_vae, decode_labels
-from occlab.outpaint import (OutpaintResult, big_shape, chunk_offsets, outpaint, outpaint_chunk, seam_agreement,
-                             stitch)
+from occlab.outpaint import (
+    OutpaintResult,
+    big_shape,
+    chunk_offsets,
+    outpaint,
+    outpaint_chunk,
+    seam_agreement,
+    stitch,
+)
 
 GRID = (16, 16, 8)  # latent 8 x 8 x 8 (downsample 2)
 K = 11
@@ -65,7 +72,7 @@ def test_three_by_three_map_shape_determinism_and_exact_overlaps(models):
     shape = big_shape(GRID, (3, 3), 8)
     assert shape == (32, 32, 8)
     bev = layout(shape)
-    kw = dict(chunks=(3, 3), overlap=8, steps=4, seed=3)
+    kw = {"chunks": (3, 3), "overlap": 8, "steps": 4, "seed": 3}
     res = outpaint(vae, den, diffusion, bev, None, details=True, **kw)
     assert isinstance(res, OutpaintResult)
     assert res.labels.shape == shape and res.labels.dtype == torch.uint8 and int(res.labels.max()) < K
@@ -121,7 +128,7 @@ def test_chunks_see_their_own_layout_and_boxes(models):
     bev = layout(shape)
     changed = bev.clone()
     changed[:, 16:] = (changed[:, 16:] + 1) % K  # only chunk (0, 1) sees this part
-    kw = dict(chunks=(1, 2), overlap=8, steps=3, seed=0, details=True)
+    kw = {"chunks": (1, 2), "overlap": 8, "steps": 3, "seed": 0, "details": True}
     a = outpaint(vae, den, diffusion, bev, None, **kw)
     b = outpaint(vae, den, diffusion, changed, None, **kw)
     assert torch.equal(a.latents[(0, 0)]["xy"], b.latents[(0, 0)]["xy"])
@@ -167,3 +174,61 @@ def test_bad_arguments_are_named(models):
     other = TriplaneDiT(config_for_vae(xscene_tiny((32, 32, 8)), "tiny"))
     with pytest.raises(OcclabError, match="does not match"):
         outpaint(vae, other, diffusion, None, None, chunks=(1, 2), overlap=8, steps=2)
+
+
+def _toy_eps(x, t):
+    return 0.3 * torch.tanh(x) + 1e-3 * t.float().view(-1, *([1] * (x.dim() - 1)))
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_repaint_resample_zero_is_the_plain_sampler_and_keeps_the_known_region(method):
+    d = Diffusion(steps=40)
+    known = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    m = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    m[..., :3, :] = True
+
+    def run(**kw):
+        return d.sample(_toy_eps, known.shape, method=method, steps=8, eta=0.5, known=known, known_mask=m,
+                        generator=torch.Generator().manual_seed(1), **kw)
+
+    plain = run()
+    assert torch.equal(run(resample=0), plain)
+    again = run(resample=2)
+    assert torch.equal(again[..., :3, :], known[..., :3, :])  # known region exact at the end
+    assert not torch.allclose(again[..., 3:, :], plain[..., 3:, :])  # the resampling changes the rest
+    assert torch.equal(run(resample=2), again)  # deterministic given the seed
+
+
+def test_repaint_resample_repeats_each_step_after_a_forward_jump():
+    """With r resamplings the model sees every timestep r + 1 times; the re-noised input at step t has the
+    forward-process statistics of q(x_t | x_0) when the model predicts the data exactly."""
+    d = Diffusion(steps=100)
+    known = torch.full((1, 1, 1, 20000), 2.0)
+    seen: dict = {}
+
+    def model(x, t):  # the exact eps for data == 2 everywhere
+        seen.setdefault(int(t[0]), []).append((x.mean().item(), x.std().item()))
+        ac = d.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
+        return (x - ac.sqrt() * 2.0) / (1 - ac).sqrt()
+
+    mask = torch.zeros_like(known, dtype=torch.bool)
+    out = d.ddim_sample(model, known.shape, steps=5, resample=2, known=known, known_mask=mask,
+                        generator=torch.Generator().manual_seed(0))
+    assert all(len(v) == 3 for v in seen.values()) and len(seen) == 5
+    for t, tries in seen.items():
+        ac = d.alphas_cumprod[t].item()
+        for mean, std in tries[1:]:  # the re-noised tries
+            assert mean == pytest.approx(2.0 * ac ** 0.5, abs=0.03) and std == pytest.approx((1 - ac) ** 0.5, abs=0.03)
+    assert out.mean().item() == pytest.approx(2.0, abs=1e-3)
+    with pytest.raises(OcclabError, match="resample"):
+        d.ddim_sample(model, known.shape, steps=2, resample=-1)
+
+
+def test_outpaint_with_resampling_keeps_overlaps_exact(models):
+    _, den, diffusion = models
+    lay = den.layout
+    ref = {n: torch.randn(1, 4, *lay.shapes[n], generator=torch.Generator().manual_seed(7)) for n in lay.names}
+    mask = {n: torch.zeros(1, 1, *lay.shapes[n], dtype=torch.bool) for n in lay.names}
+    mask["xy"][..., :3, :] = True
+    new = outpaint_chunk(den, diffusion, ref, mask, steps=3, resample=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(new["xy"][..., :3, :], ref["xy"][..., :3, :])

@@ -167,11 +167,21 @@ def _rename(raw: dict) -> dict:
 
 
 def default_weights(space: str, dataset: str, grid: tuple[int, ...], geometry: str | None = None) -> Path | None:
-    """The cached f3d (space "3d") or f2d (space "2d") checkpoint of a dataset and grid, or None if not trained."""
+    """The f3d (space "3d") or f2d (space "2d") checkpoint of a dataset and grid, or None if there is none.
+
+    The frozen, versioned network (occlab.metrics.networks: committed with the kit or built by `occlab metrics
+    build`) comes first, its checksum verified; else the one train_f3d / train_f2d cached.
+    """
+    from occlab.metrics import networks
     from occlab.render.semantic import crop_geometry
 
     geo = crop_geometry(geometry, tuple(grid)).name.removesuffix("-crop")
-    path = features3d.checkpoint_path("f3d" if space == "3d" else "f2d", dataset, geo, tuple(grid))
+    kind = "f3d" if space == "3d" else "f2d"
+    net = networks.lookup(kind, dataset, geo, tuple(grid))
+    if net is not None:
+        net.verify()
+        return net.weights
+    path = features3d.checkpoint_path(kind, dataset, geo, tuple(grid))
     return path if path.is_file() else None
 
 
@@ -251,7 +261,42 @@ def generation_metrics(real: Labels, fake: Labels, space: str = "3d", *, weights
     result = {k: out.get(k) for k in KEYS}
     result.update({k: v for k, v in out.items() if k not in KEYS})
     result.update(space=space, n_real=len(real_s), n_fake=len(fake_s), frame_stride=frame_stride)
+    result["network_version"] = network_version(out["weights"])
+    if out.get("is_weights") and out["is_weights"] != out["weights"]:
+        result["is_network_version"] = network_version(out["is_weights"])
     return result
+
+
+def network_version(weights: str | os.PathLike) -> str:
+    """The version of a metric network: `<file name>@<first 12 hex of its sha256>`.
+
+    Two results are comparable only when they were computed with the same bytes; the name alone (for example
+    f3d-synthetic_town-carlasc-32x32x8-v1, the folder of an occlab.metrics.networks network) could be retrained
+    in place, the checksum cannot.
+    """
+    import hashlib
+
+    path = Path(weights)
+    if not path.is_file():
+        raise OcclabError(f"metric network {path}: no such file")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    stem = path.parent.name if (path.parent / "manifest.json").is_file() else path.stem  # a versioned network
+    return f"{stem}@{digest}"
+
+
+def compare_results(*results: dict) -> str:
+    """The one metric network version shared by generation_metrics results; an error if they differ.
+
+    FID/KID/precision/recall computed with different feature networks are not comparable numbers.
+    """
+    versions = [r.get("network_version") for r in results]
+    if any(v is None for v in versions):
+        raise OcclabError("a generation result has no network_version (computed before versions were recorded); "
+                          "recompute it with occlab.metrics.generation.generation_metrics / `occlab eval gen`")
+    if len(set(versions)) > 1:
+        raise OcclabError(f"generation results computed with different metric networks cannot be compared: "
+                          f"{sorted(set(versions))}; recompute them all with one network (weights=...)")
+    return versions[0]
 
 
 def extract_features(data: Labels | Dataset, space: str = "3d", *, weights: str | os.PathLike | None = None,
@@ -323,5 +368,5 @@ def eval_gen_dirs(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, spac
     return generation_metrics(sets[0], sets[1], space, **kwargs)
 
 
-__all__ = ["KEYS", "LabelSamples", "RenderedViews", "default_weights", "eval_gen_dirs", "extract_features",
-           "generation_metrics", "metrics_from_features"]
+__all__ = ["KEYS", "LabelSamples", "RenderedViews", "compare_results", "default_weights", "eval_gen_dirs", "extract_features",
+           "generation_metrics", "metrics_from_features", "network_version"]

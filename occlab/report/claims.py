@@ -80,6 +80,18 @@ CLAIMS: tuple[Claim, ...] = (
           "fid_3d", "vconcat", "unfold", lower=True, notebook="05_rollout_ablation", paper_values=(623.2, 9110)),
     Claim("dc-t2-dc-occsora", "DynamicCity Tab. 2", "DynamicCity has lower 3D FID than OccSora", "fid_3d",
           "dynamiccity", "occsora", lower=True, notebook="02_generation", paper_values=(354.2, 1559)),
+    # X-Scene Tab. 6 (helper h3, notebook 07): "gain/<res>" = mIoU(deformable) - mIoU(bilinear) at a triplane
+    # resolution; "rise/<variant>" = 3D FID of the variant - 3D FID of the full model (occlab.studies.triplane)
+    Claim("xs-t6-deform-gain-low", "X-Scene Tab. 6",
+          "deformable attention gains more mIoU at the lower triplane resolution than at the higher one",
+          "miou_gain", "gain/low", "gain/high", notebook="07_triplane_ablation",
+          paper_values=(round(76.6 - 74.2, 2), round(92.4 - 91.8, 2))),
+    Claim("xs-t6-resolution", "X-Scene Tab. 6", "the higher triplane resolution gives the higher mIoU", "miou",
+          "deformable/high", "deformable/low", notebook="07_triplane_ablation", paper_values=(92.4, 76.6)),
+    Claim("xs-t6-layout-vs-boxes", "X-Scene Tab. 6",
+          "dropping the layout condition raises 3D FID far more than dropping the boxes", "fid_rise",
+          "rise/without_layout", "rise/without_boxes", notebook="07_triplane_ablation",
+          paper_values=(round(1584 - 258.8, 1), round(271.4 - 258.8, 1))),
 )
 
 

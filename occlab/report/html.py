@@ -159,7 +159,8 @@ def _notebook_section(out: Path, nb: Mapping[str, Any]) -> str:
         parts.append(f"<pre class=\"error\">{_e(nb['error'])}</pre>")
     tables = [f for f in files if f.lower().endswith(".csv")]
     figures = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES + ANIMATION_SUFFIXES + VIDEO_SUFFIXES)]
-    others = [f for f in files if f not in tables and f not in figures]
+    cards = {str(Path(t).with_name(Path(t).stem + ".protocol.json")) for t in tables}
+    others = [f for f in files if f not in tables and f not in figures and f not in cards]
     parts += [_table(out, f) for f in tables]
     if figures:
         parts.append("<h3>Figures</h3>\n<div class=\"figures\">" + "".join(_figure(f) for f in figures) + "</div>")
@@ -179,7 +180,32 @@ def _table(out: Path, rel: str) -> str:
         note = f" ({len(frame)} rows, first {MAX_TABLE_ROWS} shown)" if len(frame) > MAX_TABLE_ROWS else ""
     except Exception as e:  # an empty or malformed CSV is reported, not fatal
         shown, note = f"<p class=\"muted\">could not read: {_e(type(e).__name__)}: {_e(e)}</p>", ""
-    return f"<h3>{_link(rel, Path(rel).name)}<span class=\"muted\">{_e(note)}</span></h3>\n<div class=\"scroll\">{shown}</div>"
+    head = f"<h3>{_link(rel, Path(rel).name)}<span class=\"muted\">{_e(note)}</span></h3>"
+    return f"{head}\n<div class=\"scroll\">{shown}</div>\n{_protocol(out, rel)}"
+
+
+def _protocol(out: Path, rel: str) -> str:
+    """The protocol card of a table (X.protocol.json beside X.csv) as a small key/value table."""
+    import json
+
+    card_rel = Path(rel).with_name(Path(rel).stem + ".protocol.json")
+    try:
+        card = json.loads((out / card_rel).read_text())
+    except FileNotFoundError:
+        return "<p class=\"muted protocol missing\">no protocol card for this table</p>"
+    except ValueError as e:
+        return f"<p class=\"muted protocol\">protocol card unreadable: {_e(e)}</p>"
+    unstated = card.pop("unstated", [])
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_card_value(v))}</td></tr>" for k, v in card.items()
+                   if v is not None)
+    note = f"<p class=\"muted\">not stated: {_e(', '.join(unstated))}</p>" if unstated else ""
+    return (f"<details class=\"protocol\" open><summary>protocol ({_link(card_rel.as_posix(), card_rel.name)})"
+            f"</summary><table class=\"meta\">{rows}</table>{note}</details>")
+
+
+def _card_value(value: Any) -> str:
+    """A card value as text: lists joined by spaces."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _figure(rel: str) -> str:

@@ -154,8 +154,11 @@ def train_f3d(dataset: str = "synthetic_town", data_root: str | None = None, geo
               batch_size: int = 8, lr: float = 1e-3, sequences: int = 192, frame_stride: int = 4,
               max_frames: int = 2048, attribute: str | None = None, probe: bool = True, val_sequences: int = 16,
               device: str = "cpu", seed: int = 0, out: str | os.PathLike | None = None, force: bool = False,
-              progress: bool = True) -> Path:
-    """Train (or reuse) the 3D feature network of a dataset; returns its checkpoint path (module docstring)."""
+              progress: bool = True, widths: tuple[int, ...] = features3d.WIDTHS,
+              features: int = features3d.FEATURES) -> Path:
+    """Train (or reuse) the 3D feature network of a dataset; returns its checkpoint path (module docstring).
+
+    `widths` / `features` narrow the network (occlab.metrics.networks' committed recipe uses 16/32/64 and 128)."""
     name, num_attr = _attribute(dataset, attribute)
     ds = windows(dataset, data_root, "train", geometry, crop, sequences, frame_stride, crop_mode)
     path, geo, grid = _target("f3d", dataset, ds, crop, out)
@@ -166,12 +169,13 @@ def train_f3d(dataset: str = "synthetic_town", data_root: str | None = None, geo
     val = load_frames(val_ds, name, 512)
     device = str(features3d.sparse_device(device))
     torch.manual_seed(seed)
-    model = features3d.F3DNet(grid, ds.source.num_classes, num_attr, probe=probe).to(device)
+    model = features3d.F3DNet(grid, ds.source.num_classes, num_attr, tuple(widths), features, probe=probe).to(device)
     result = _fit(model, data, attrs, val, steps, batch_size, lr, device, path.with_suffix(".csv"),
                   f"f3d {dataset} {geo} {'x'.join(map(str, grid))}", True, progress)
     meta = {"dataset": dataset, "geometry": geo, "grid": list(grid), "crop_mode": crop_mode, "attribute": name,
             "probe": probe, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
             "train_frames": len(data), "val_frames": len(val[0]), "recipe": f"v{features3d.VERSION}",
+            "widths": list(widths), "features": features,
             "torch": str(torch.__version__), **result}
     return features3d.save_f3d(model.cpu().eval(), path, meta)
 

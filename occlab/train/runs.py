@@ -110,6 +110,7 @@ def train_or_load(name: str, config, data: DataConfig, train: TrainConfig, root:
     run = Run(key, (Path(root) if root else runs_dir()) / key)
     if run.finished:
         return run
+    write_provenance(run.path, data)
     if not isolate:
         from occlab.train.trainer import train as run_training
 
@@ -139,3 +140,134 @@ def find_run(run_id: str, root: str | os.PathLike | None = None) -> Run:
         known = sorted(p.name for p in base.glob("*") if (p / "config.json").is_file())[:5]
         raise OcclabError(f"no run {run_id!r} under {base}; known runs include: {', '.join(known) or 'none'}")
     return run
+
+
+# ---- the registry: provenance of every run, listing, summaries and reproduction --------------------------------
+DATA_CODE = ("occlab.data.town", "occlab.data.windows")  # the synthetic town is defined by its generator's code
+
+
+def code_revision() -> str:
+    """`git describe --always --dirty` of the kit's checkout, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                             text=True, timeout=10, check=False, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def data_fingerprint(data: DataConfig, max_files: int = 20000) -> str:
+    """A hash of what a run trains on: the data config, plus the generator's source (synthetic town) or the names
+    and sizes of the files under data_root (a real dataset; at most `max_files` files, in sorted order)."""
+    h = hashlib.sha1(json.dumps(to_dict(data), sort_keys=True).encode())
+    if data.data_root:
+        root = Path(data.data_root)
+        for i, f in enumerate(sorted(p for p in root.rglob("*") if p.is_file())):
+            if i >= max_files:
+                break
+            h.update(f"{f.relative_to(root)}:{f.stat().st_size}".encode())
+    else:
+        for name in DATA_CODE:
+            mod = importlib.import_module(name)
+            files = [Path(mod.__file__)]
+            if Path(mod.__file__).name == "__init__.py":
+                files = sorted(Path(mod.__file__).parent.rglob("*.py"))
+            for f in files:
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def write_provenance(path: Path, data: DataConfig) -> dict:
+    """provenance.json of a run folder (code revision, data fingerprint, date, python/torch); kept if present."""
+    import datetime
+    import platform
+
+    import torch
+
+    file = Path(path) / "provenance.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    info = {"code_revision": code_revision(), "data_fingerprint": data_fingerprint(data),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": str(torch.__version__)}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def list_runs(root: str | os.PathLike | None = None) -> list[Run]:
+    """Every run folder (one with a config.json) under the runs root, oldest first."""
+    base = Path(root) if root else runs_dir()
+    found = [Run(p.name, p) for p in base.glob("*") if (p / "config.json").is_file()]
+    return sorted(found, key=lambda r: (r.path / "config.json").stat().st_mtime)
+
+
+FINAL_KEYS = ("miou", "iou", "tail_loss", "loss")
+
+
+def final_metrics(run: Run) -> dict:
+    """The headline numbers of a finished run: validation mIoU / IoU, or a final loss ({} if unfinished)."""
+    if not run.finished:
+        return {}
+    m = run.metrics
+    src = m.get("val") if isinstance(m.get("val"), dict) else m
+    return {k: src[k] for k in FINAL_KEYS if isinstance(src.get(k), (int, float))}
+
+
+def summary(run: Run) -> dict:
+    """One row of `occlab runs list`: id, model, config summary, finished, final metrics, date."""
+    import datetime
+
+    cfg = run.config
+    data, train = cfg.get("data", {}), cfg.get("train", {})
+    crop = data.get("crop")
+    conf = (f"{data.get('dataset', '?')} {data.get('geometry', '')} "
+            f"{'x'.join(map(str, crop)) if crop else 'full'} T={data.get('frames', '?')} "
+            f"steps={train.get('steps', '?')} seed={train.get('seed', '?')}")
+    when = datetime.datetime.fromtimestamp((run.path / "config.json").stat().st_mtime, datetime.timezone.utc)
+    return {"id": run.id, "model": cfg.get("model", {}).get("name", "?"), "config": conf,
+            "finished": run.finished, "final": final_metrics(run), "date": when.strftime("%Y-%m-%d %H:%M")}
+
+
+def loss_summary(run: Run) -> dict:
+    """First, minimum and last training loss and the number of logged steps (from log.csv)."""
+    import csv
+
+    log = run.path / "log.csv"
+    if not log.is_file():
+        return {}
+    with open(log) as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss") not in (None, "")]
+    if not losses:
+        return {}
+    return {"steps_logged": len(losses), "first": losses[0], "min": min(losses), "last": losses[-1]}
+
+
+def show(run: Run) -> dict:
+    """Everything `occlab runs show` prints: config, provenance, loss curve summary, final metrics."""
+    prov = run.path / "provenance.json"
+    return {"id": run.id, "path": str(run.path), "config": run.config,
+            "provenance": json.loads(prov.read_text()) if prov.is_file() else "not recorded (run predates it)",
+            "loss": loss_summary(run), "finished": run.finished, "final": final_metrics(run)}
+
+
+def reproduce(run_id: str, scratch: str | os.PathLike, root: str | os.PathLike | None = None,
+              progress: bool = False, isolate: bool = True) -> dict:
+    """Retrain a run from its recorded config into `scratch` and compare its final metrics with the recorded ones.
+
+    Returns {"id", "scratch", "recorded", "reproduced", "difference"} (difference = reproduced - recorded).
+    """
+    run = find_run(run_id, root)
+    if not run.finished:
+        raise OcclabError(f"run {run_id} has no metrics.json yet (unfinished): nothing to compare; finish it first")
+    cfg = run.config
+    name = cfg["model"]["name"]
+    cfg_cls = model_registry()[name][0]
+    new = train_or_load(name, from_dict(cfg_cls, cfg["model"]["config"]), from_dict(DataConfig, cfg["data"]),
+                        from_dict(TrainConfig, cfg["train"]), root=scratch, progress=progress, isolate=isolate)
+    recorded, reproduced = final_metrics(run), final_metrics(new)
+    diff = {k: reproduced[k] - recorded[k] for k in recorded if k in reproduced}
+    if new.id != run.id:  # the model's code changed since: the key differs, say so
+        diff["note"] = f"the config now hashes to {new.id} (model code changed since the run)"
+    return {"id": run.id, "scratch": str(new.path), "recorded": recorded, "reproduced": reproduced,
+            "difference": diff}

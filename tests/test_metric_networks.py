@@ -1,0 +1,105 @@
+"""Frozen, versioned metric networks: the committed ones, their checksums, versions in results, clear errors."""
+import json
+
+import numpy as np
+import pytest
+
+from occlab.cli import main
+from occlab.errors import OcclabError
+from occlab.metrics import networks
+from occlab.metrics.generation import compare_results, default_weights, network_version
+
+COMMITTED = {name: networks.version_name("f3d", "synthetic_town", "carlasc", grid)
+             for name, grid in networks.PRESET_GRIDS.items()}
+
+
+@pytest.mark.parametrize("preset", sorted(COMMITTED))
+def test_committed_networks_match_their_checksums(preset):
+    net = networks.find(COMMITTED[preset])
+    assert net.committed
+    net.verify()  # sha256 of weights.pt == manifest
+    m = net.manifest
+    assert m["recipe"] == networks.RECIPE and m["grid"] == list(networks.PRESET_GRIDS[preset])
+    ref = net.reference()
+    d = networks.RECIPE["features"]
+    assert ref["mean"].shape == (d,) and ref["cov"].shape == (d, d) and ref["count"] == m["reference_split"]["count"]
+    assert np.allclose(ref["cov"], ref["cov"].T)
+
+
+def test_committed_networks_are_small():
+    total = sum(p.stat().st_size for p in networks.COMMITTED.rglob("*") if p.is_file())
+    assert total < 4 * 2**20
+
+
+@pytest.mark.parametrize("preset", sorted(COMMITTED))
+def test_default_weights_is_the_committed_network(preset):
+    grid = networks.PRESET_GRIDS[preset]
+    assert default_weights("3d", "synthetic_town", grid, "carlasc") == networks.find(COMMITTED[preset]).weights
+
+
+def test_changed_weights_are_refused(tmp_path, monkeypatch):
+    src = networks.find(COMMITTED["smoke"]).path
+    dst = tmp_path / "networks" / src.name
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    (dst / "weights.pt").write_bytes((dst / "weights.pt").read_bytes() + b"x")
+    net = networks.Network(src.name, dst)
+    with pytest.raises(OcclabError, match="sha256"):
+        net.verify()
+
+
+def test_unknown_version_is_a_clear_error():
+    with pytest.raises(OcclabError, match="unknown metric network version 'f3d-nowhere-v9'"):
+        networks.find("f3d-nowhere-v9")
+
+
+def test_mixed_network_versions_are_refused():
+    res = {"fid": 1.0, "network_version": network_version(networks.find(COMMITTED["smoke"]).weights)}
+    assert res["network_version"].startswith(COMMITTED["smoke"] + "@")
+    assert compare_results(res, dict(res)) == res["network_version"]
+    other = {**res, "network_version": "f3d-synthetic_town-carlasc-16x16x8-v2@000000000000"}
+    with pytest.raises(OcclabError, match="different metric networks"):
+        compare_results(res, other)
+    with pytest.raises(OcclabError, match="no network_version"):
+        compare_results(res, {"fid": 1.0})
+
+
+def test_eval_gen_compare_refuses_another_version(tmp_path, capsys):
+    for what in ("real", "fake"):
+        (tmp_path / what).mkdir()
+        for i in range(6):
+            lab = np.random.default_rng(i + (what == "fake") * 10).integers(0, 11, (1, 16, 16, 8), dtype=np.uint8)
+            np.savez(tmp_path / what / f"{i}.npz", labels=lab)
+    args = ["eval", "gen", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--geometry",
+            "carlasc", "--frame-stride", "1", "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["network_version"] == network_version(networks.find(COMMITTED["smoke"]).weights)
+    (tmp_path / "same.json").write_text(json.dumps(res))
+    (tmp_path / "other.json").write_text(json.dumps({**res, "network_version": "f3d-x-v1@123"}))
+    assert main(args + ["--compare", str(tmp_path / "same.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["compared_with"]["network_version"] == res["network_version"]
+    assert main(args + ["--compare", str(tmp_path / "other.json")]) == 2
+    assert "different metric networks" in capsys.readouterr().err
+
+
+def test_metrics_list_shows_committed_networks(capsys):
+    assert main(["metrics", "list", "--json"]) == 0
+    listed = {n["name"]: n for n in json.loads(capsys.readouterr().out)}
+    assert set(COMMITTED.values()) <= set(listed)
+    assert all(listed[n]["committed"] for n in COMMITTED.values())
+
+
+@pytest.mark.slow
+def test_rerunning_the_recipe_lands_near_the_committed_reference(tmp_path):
+    """Retrain the smoke-grid network by its recipe (about 2-3 min on 2 cores) and compare reference statistics.
+
+    Bitwise equality is not expected across machines (float order in spconv's CPU kernels, BLAS); the rerun's
+    feature mean and covariance trace must land within networks.TOLERANCE (relative) of the committed ones.
+    """
+    ref = networks.find(COMMITTED["smoke"]).reference()
+    net = networks.build(grid=networks.PRESET_GRIDS["smoke"], kinds=("f3d",), root=tmp_path, progress=False)[0]
+    d = networks.compare_reference(ref, net.reference())
+    assert d["count"][0] == d["count"][1]
+    assert d["mean_rel"] < networks.TOLERANCE["mean_rel"] and d["trace_rel"] < networks.TOLERANCE["trace_rel"], d

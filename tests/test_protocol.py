@@ -1,0 +1,83 @@
+"""Protocol cards: every table written through occlab.report.tables gets X.protocol.json, shown in the index."""
+import json
+
+import pandas as pd
+import pytest
+
+from occlab.report.html import write_index
+from occlab.report.tables import (
+    PROTOCOL_FIELDS,
+    protocol_card,
+    read_protocol,
+    write_table,
+)
+
+
+def _runs_root(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    for rid, seed in (("dynamiccity-aaa", 0), ("dynamiccity-bbb", 1)):
+        (root / rid).mkdir(parents=True)
+        cfg = {"model": {"name": "dynamiccity"}, "train": {"seed": seed},
+               "data": {"dataset": "synthetic_town", "geometry": "carlasc", "frames": 8, "crop": [32, 32, 8]}}
+        (root / rid / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("OCCLAB_RUNS", str(root))
+    return root
+
+
+def test_every_table_gets_a_card_with_every_field(tmp_path):
+    path = write_table(pd.DataFrame({"miou": [0.5]}), tmp_path, "t")
+    card = read_protocol(path)
+    assert path.with_name("t.protocol.json").is_file()
+    assert set(PROTOCOL_FIELDS) <= set(card)
+    assert card["ground_truth_in_sampling"] == "never"
+    assert "split" in card["unstated"] and "ground_truth_in_sampling" not in card["unstated"]
+
+
+def test_card_reads_the_runs_behind_the_numbers(tmp_path, monkeypatch):
+    _runs_root(tmp_path, monkeypatch)
+    df = pd.DataFrame({"variant": ["a", "b"], "run_ids": ["dynamiccity-aaa dynamiccity-bbb", "dynamiccity-aaa"]})
+    card = read_protocol(write_table(df, tmp_path / "out", "t"))
+    assert card["runs"] == ["dynamiccity-aaa", "dynamiccity-bbb"]
+    assert card["dataset"] == "synthetic_town" and card["geometry"] == "carlasc crop 32x32x8"
+    assert card["frames"] == 8 and card["seeds"] == [0, 1]
+    beside = read_protocol(write_table(df.rename(columns={"run_ids": "ours: run_ids"}), tmp_path / "out", "b"))
+    assert beside["runs"] == card["runs"]  # tables.beside prefixes our columns
+
+
+def test_changing_the_protocol_changes_the_card(tmp_path):
+    df = pd.DataFrame({"fid": [1.0]})
+    df.attrs["protocol"] = {"split": "val", "mask": "none", "preset": "smoke", "samples": 4}
+    first = read_protocol(write_table(df, tmp_path, "g"))
+    second = read_protocol(write_table(df, tmp_path, "g", protocol={"mask": "camera", "conditions": ["layout"],
+                                                                     "ground_truth_in_sampling": "layout map"}))
+    assert first["mask"] == "none" and second["mask"] == "camera"
+    assert second["conditions"] == ["layout"] and second["ground_truth_in_sampling"] == "layout map"
+    assert first != second and second["split"] == "val"
+
+
+def test_unknown_protocol_field_is_refused():
+    with pytest.raises(ValueError, match="unknown protocol fields"):
+        protocol_card(pd.DataFrame({"a": [1]}), {"maks": "camera"})
+
+
+def test_a_table_mixing_metric_networks_is_refused(tmp_path):
+    df = pd.DataFrame({"fid": [1.0, 2.0], "network_version": ["f3d-a@111", "f3d-a@222"]})
+    with pytest.raises(ValueError, match="different metric networks"):
+        write_table(df, tmp_path, "g")
+    assert not (tmp_path / "g.csv").exists()
+    card = read_protocol(write_table(df.iloc[:1], tmp_path, "g"))
+    assert card["metric_network"] == "f3d-a@111"
+
+
+def test_index_shows_the_card_under_the_table(tmp_path):
+    nb = tmp_path / "01_x"
+    write_table(pd.DataFrame({"miou": [0.5]}), nb, "with_card", protocol={"mask": "visibility"})
+    pd.DataFrame({"miou": [0.1]}).to_csv(nb / "bare.csv", index=False)
+    results = {"preset": "smoke", "notebooks": [{"name": "01_x", "status": "ok", "seconds": 1.0,
+                                                 "files": ["01_x/with_card.csv", "01_x/with_card.protocol.json",
+                                                           "01_x/bare.csv"]}]}
+    page = write_index(tmp_path, results).read_text()
+    table_at, card_at = page.index("with_card.csv"), page.index("with_card.protocol.json")
+    assert table_at < card_at and "visibility" in page
+    assert "no protocol card for this table" in page
+    assert "Other files" not in page  # the card is not listed again as a loose file
