@@ -40,6 +40,9 @@ class BenchSpec:
     checkpoint: bool = False  # activation checkpointing of the per-frame 3D stages
     frame_chunk: int = 0  # frames per chunk of the per-frame stages (0: all, 4 with checkpoint)
     attn_dropout: float = 0.0  # as the studies (any attention dropout forces the O(L^2) CPU kernel)
+    rates: tuple[int, int, int, int] = (2, 2, 2, 2)  # VAE downsampling rates (dT, dX, dY, dZ)
+    encoder: str = "projection"  # VAE plane reducer: "projection" | "avgpool"
+    decoder: str = "ess"  # VAE decoder: "ess" | "query"
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -63,7 +66,8 @@ def _vae(spec: BenchSpec, device: torch.device):
     grid = SMALL["grid"] if spec.small else get_geometry(spec.geometry).grid
     frames = SMALL["frames"] if spec.small else spec.frames
     num_classes = NUM_CLASSES_OCC3D if spec.geometry == "occ3d" else NUM_CLASSES_CARLASC
-    cfg = dynamiccity_paper(grid, frames, attn_dropout=spec.attn_dropout, num_classes=num_classes)
+    cfg = dynamiccity_paper(grid, frames, attn_dropout=spec.attn_dropout, num_classes=num_classes,
+                            rates=tuple(spec.rates), encoder=spec.encoder, decoder=spec.decoder)
     model = DynamicCity(cfg).to(device)
     model.compute = Compute(fast=not spec.reference, checkpoint=spec.checkpoint, frame_chunk=spec.frame_chunk)
     seq = generate_sequence(1, spec.geometry, frames).labels  # (T, X', Y', Z') of the geometry
@@ -157,7 +161,8 @@ def run(spec: BenchSpec) -> dict:
             "grid": list(SMALL["grid"]) if spec.small else None,
             "frames": SMALL["frames"] if spec.small else spec.frames, "batch": spec.batch,
             "path": "reference" if spec.reference else "fast", "checkpoint": spec.checkpoint,
-            "frame_chunk": spec.frame_chunk, "steps": spec.steps}
+            "frame_chunk": spec.frame_chunk, "steps": spec.steps, "rates": list(spec.rates),
+            "encoder": spec.encoder, "decoder": spec.decoder, "attn_dropout": spec.attn_dropout}
 
 
 def loss_curve(precision: str = "fp32", steps: int = 200, grid=(32, 32, 8), frames: int = 4, preset: str = "paper",
@@ -206,5 +211,14 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-__all__ = ["BenchSpec", "MODELS", "RESULT_KEYS", "TASKS", "bf16_supported", "curve_gap", "loss_curve", "peak_rss_gib",
-           "run"]
+__all__ = [
+    "MODELS",
+    "RESULT_KEYS",
+    "TASKS",
+    "BenchSpec",
+    "bf16_supported",
+    "curve_gap",
+    "loss_curve",
+    "peak_rss_gib",
+    "run",
+]

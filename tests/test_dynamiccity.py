@@ -10,21 +10,19 @@ import torch.nn.functional as F
 
 from occlab import planes as P
 from occlab.errors import OcclabError
-from occlab.models.dynamiccity import (RELEASED_PARAMS_CARLASC, DynamicCity, DynamicCityConfig, PlaneConvBlock,
-                                       dynamiccity_paper, dynamiccity_tiny, model_info)
+from occlab.models.dynamiccity import (
+    RELEASED_PARAMS_CARLASC,
+    DynamicCity,
+    DynamicCityConfig,
+    PlaneConvBlock,
+    dynamiccity_paper,
+    dynamiccity_tiny,
+    model_info,
+)
 
 CARLASC, WAYMO = (128, 128, 8), (200, 200, 16)
 TINY_GRID, TINY_T = (8, 8, 4), 4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine a second busy process makes every
-    multi-threaded op wait for a descheduled worker (the overfit test took 50 s instead of 1 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> DynamicCity:

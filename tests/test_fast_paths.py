@@ -18,13 +18,6 @@ from occlab.train.losses import OccupancyLoss, lovasz_softmax
 GRID, T = (8, 8, 4), 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def run_step(model: DynamicCity, labels: torch.Tensor, compute: Compute, loss_fn: OccupancyLoss):
     """Loss, logits and every parameter's gradient of one training forward/backward (same noise each call).

@@ -22,13 +22,6 @@ GRID = (16, 16, 8)  # latent 8 x 8 x 8 (downsample 2)
 K = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def models():

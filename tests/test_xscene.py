@@ -10,22 +10,23 @@ import torch.nn.functional as F
 from occlab import planes as P
 from occlab.classes import FREE, IGNORE
 from occlab.errors import OcclabError
-from occlab.models.xscene import (PRESETS, RELEASED_PARAMS_OCC3D, XSceneVAE, XSceneVAEConfig, model_info,
-                                  sample_queries, sincos_encoding, xscene_paper, xscene_tiny)
+from occlab.models.xscene import (
+    PRESETS,
+    RELEASED_PARAMS_OCC3D,
+    XSceneVAE,
+    XSceneVAEConfig,
+    model_info,
+    sample_queries,
+    sincos_encoding,
+    xscene_paper,
+    xscene_tiny,
+)
 from occlab.train.losses import OccupancyLoss
 
 OCC3D = (200, 200, 16)
 TINY = (16, 16, 8)
 CLASSES = 12
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared machine extra threads only wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> XSceneVAE:

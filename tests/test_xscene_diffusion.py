@@ -11,23 +11,33 @@ from occlab import planes as P
 from occlab.diffusion import Diffusion, cfg_model
 from occlab.errors import OcclabError
 from occlab.models.xscene import XSceneVAE, xscene_paper, xscene_tiny
-from occlab.models.xscene_diffusion import (BOX_CENTER, BOX_CLS, BOX_SIZE, BOX_YAW, PRESETS, TriplaneDiT,
-                                            TriplaneDiTConfig, TriplaneLayout, box_corners, boxes_condition,
-                                            config_for_vae, decode_labels, diffusion_loss, encode_latent,
-                                            fourier_features, model_info, triplane_blocks, triplane_dit_tiny,
-                                            triplane_rollout, triplane_unroll)
+from occlab.models.xscene_diffusion import (
+    BOX_CENTER,
+    BOX_CLS,
+    BOX_SIZE,
+    BOX_YAW,
+    PRESETS,
+    TriplaneDiT,
+    TriplaneDiTConfig,
+    TriplaneLayout,
+    box_corners,
+    boxes_condition,
+    config_for_vae,
+    decode_labels,
+    diffusion_loss,
+    encode_latent,
+    fourier_features,
+    model_info,
+    triplane_blocks,
+    triplane_dit_tiny,
+    triplane_rollout,
+    triplane_unroll,
+)
 
 SIZES = (8, 8, 8)  # latent of xscene_tiny at 16 x 16 x 8
 C = 4
 K = 11
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> TriplaneDiT:
