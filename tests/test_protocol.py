@@ -81,3 +81,14 @@ def test_index_shows_the_card_under_the_table(tmp_path):
     assert table_at < card_at and "visibility" in page
     assert "no protocol card for this table" in page
     assert "Other files" not in page  # the card is not listed again as a loose file
+
+
+def test_reconstruction_studies_state_their_protocol(tmp_path):
+    """The VAE studies' tables carry split, classes, mask and preset, so their cards leave none of them unstated."""
+    from occlab.studies.vae import recon_protocol
+
+    runs, table = recon_protocol("study", pd.DataFrame({"miou": [0.3]}), pd.DataFrame({"miou": [0.3]}))
+    card = read_protocol(write_table(table, tmp_path, "t"))
+    assert card["preset"] == "study" and card["split"] == "val" and card["horizon"] is None
+    assert not {"split", "classes_miou", "classes_iou", "mask", "preset"} & set(card["unstated"])
+    assert runs.attrs["protocol"] == table.attrs["protocol"]

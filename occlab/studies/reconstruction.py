@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from occlab.classes import CLASS_NAMES
-from occlab.studies.vae import preset_size, run_grid, summarize, vae_setup
+from occlab.studies.vae import preset_size, recon_protocol, run_grid, summarize, vae_setup
 
 METHODS = ("occsora", "dynamiccity", "sep4d")
 METHOD_NAMES = {"occsora": "OccSora", "dynamiccity": "DynamicCity", "sep4d": "SEP-4D"}
@@ -45,7 +45,7 @@ def methods_by_frames(preset: str, dataset: str = "synthetic_town", data_root: s
     table = table.rename(columns={"paper_miou": "paper: CarlaSC mIoU (%)",
                                   "paper_train_s": "paper: CarlaSC training time (s, GPU)"})
     table.insert(0, "method", table.pop("model").map(METHOD_NAMES))
-    return runs, table
+    return recon_protocol(preset, runs, table)
 
 
 def per_class(runs: pd.DataFrame) -> pd.DataFrame:
@@ -89,7 +89,7 @@ def fusion_ablation(preset: str, dataset: str = "synthetic_town", data_root: str
     encoders["encoder"] = encoders["encoder"].map(PAPER_ENCODER)
     encoders = beside(encoders, paper_table("sep4d_t4_encoder"), ["encoder"],
                       {"miou": "CarlaSC mIoU (%)", "iou": "CarlaSC IoU (%)"})
-    return runs, fusions, encoders
+    return recon_protocol(preset, runs, fusions, encoders)
 
 
 def seed_spread(preset: str, model: str, dataset: str = "synthetic_town", data_root: str | None = None,
@@ -133,7 +133,7 @@ def baselines(preset: str, frames: tuple[int, ...], dataset: str = "synthetic_to
     for t in frames:
         config, data, _ = vae_setup("dynamiccity", preset, dataset, data_root, frames=t)
         rows.append({"frames": t, **mean_scene_baseline(data, config.num_classes)})
-    return pd.DataFrame(rows)
+    return recon_protocol(preset, pd.DataFrame(rows))
 
 
 __all__ = ["FRAMES", "FUSIONS", "METHODS", "baselines", "equal_ratio_channels", "frames_of", "fusion_ablation",

@@ -108,6 +108,16 @@ def run_grid(variants: list[dict], preset: str, dataset: str = "synthetic_town",
     return pd.DataFrame(rows)
 
 
+def recon_protocol(preset: str, *tables: pd.DataFrame):
+    """Give reconstruction tables the protocol their runs' configs do not state (DESIGN §4); returns them."""
+    card = {"split": "val", "classes_miou": "non-free classes present in the ground truth",
+            "classes_iou": "occupied (any non-free class) vs free", "mask": "the dataset's visibility mask "
+            "(all voxels on the synthetic town)", "horizon": None, "preset": preset, "conditions": "none"}
+    for table in tables:
+        table.attrs["protocol"] = {k: v for k, v in card.items() if v is not None}
+    return tables if len(tables) > 1 else tables[0]
+
+
 def _per_class(val: dict) -> dict:
     """Per-class IoU columns ("iou_road", ...) of a run's validation metrics, and a VQ model's code use."""
     codes = {f"codebook_{k}": v for k, v in (val.get("codebook") or {}).items()}
@@ -187,7 +197,7 @@ def vae_structure(preset: str, dataset: str = "synthetic_town", data_root: str |
     table = beside(table, paper, ["encoder", "decoder"], {"carlasc_miou": "CarlaSC mIoU (%)",
                                                           "carlasc_s_per_iter": "CarlaSC s/iter (GPU)",
                                                           "carlasc_vram_gb": "CarlaSC VRAM (GB)"})
-    return runs, table
+    return recon_protocol(preset, runs, table)
 
 
 def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
@@ -205,7 +215,7 @@ def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | 
     table = beside(table, paper, ["rates"], {"carlasc_cr": "CarlaSC C.R.", "carlasc_miou": "CarlaSC mIoU (%)",
                                             "carlasc_s_per_iter": "CarlaSC s/iter (GPU)",
                                             "carlasc_vram_gb": "CarlaSC VRAM (GB)"})
-    return runs, table
+    return recon_protocol(preset, runs, table)
 
 
 def claims(runs: pd.DataFrame, notebook: str, preset: str, min_spread: dict | None = None,
