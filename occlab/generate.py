@@ -1,5 +1,5 @@
-"""Sample 4D occupancy from a trained HexPlane DiT: latents by DDIM or DDPM (EMA weights, optional classifier-free
-guidance and conditions), un-normalised with the training statistics, decoded by the VAE the DiT was trained on,
+"""Sample 4D occupancy from a trained DiT (HexPlane, or OccSora's latent grid): latents by DDIM or DDPM (EMA weights,
+optional classifier-free guidance and conditions), un-normalised with the training statistics, decoded by the VAE the DiT was trained on,
 written as occlab npz files (`labels` uint8 (T, X, Y, Z)) that `occlab eval gen` and `occlab view` read.
 
 Long sequences (`generate_long`, `occlab generate --frames N`): ceil(N / T) chunks of the VAE window T, chunk
@@ -48,8 +48,7 @@ def prepare_conditions(cond: Mapping | None, n: int, model, vae, stats: Mapping,
     classes per frame, previous ((T, X, Y, Z) labels of the window before, encoded with the VAE); each either
     one value for every sample or n values."""
     from occlab.models.dit import COMMANDS
-    from occlab.train.latents import CONDITION_KEYS, layout_features, normalise
-    from occlab.train.trainer import model_input
+    from occlab.train.latents import CONDITION_KEYS, encode_latent, layout_features, normalise
 
     cond = dict(cond or {})
     unknown = set(cond) - set(CONDITION_KEYS)
@@ -94,7 +93,7 @@ def prepare_conditions(cond: Mapping | None, n: int, model, vae, stats: Mapping,
             mu = {}
             for i in range(n):  # one window at a time: the VAE's memory stays that of batch 1
                 window = labels[i:i + 1].long().to(next(vae.parameters()).device)
-                enc = vae.encode(model_input(window))["mu"]
+                enc = encode_latent(vae, window, geo["kind"])
                 for k, v in enc.items():
                     mu.setdefault(k, []).append(v.float())
         out["previous"] = model.layout.to_map(normalise({k: torch.cat(v) for k, v in mu.items()}, stats))
@@ -174,12 +173,13 @@ def load_generator(ckpt: str | os.PathLike, ema: bool = True, device: str | torc
 @torch.no_grad()
 def decode_maps(gen: dict, maps: torch.Tensor) -> np.ndarray:
     """Normalised latent maps (n, C, H, W) -> labels (n, T, X, Y, Z) uint8 by the generator's VAE."""
-    from occlab.train.latents import denormalise
+    from occlab.train.latents import decode_latent, denormalise
 
     out = []
     for i in range(len(maps)):
         planes = denormalise(gen["model"].layout.from_map(maps[i:i + 1].to(gen["device"])), gen["stats"])
-        out.append(gen["vae"].decode(planes).argmax(1)[0].to(torch.uint8).cpu().numpy())  # (T, X, Y, Z)
+        logits = decode_latent(gen["vae"], planes, gen["geo"]["kind"])  # (1, K, T, X, Y, Z)
+        out.append(logits.argmax(1)[0].to(torch.uint8).cpu().numpy())  # (T, X, Y, Z)
     return np.stack(out)
 
 

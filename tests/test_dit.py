@@ -1,4 +1,5 @@
-"""HexPlane DiT: token layouts (padded rollout, vertical concat, direct unfold) and the adaLN-Zero model."""
+"""HexPlane DiT: token layouts (padded rollout, vertical concat, direct unfold; the grid layout of OccSora's latent)
+and the adaLN-Zero model."""
 from __future__ import annotations
 
 import itertools
@@ -303,3 +304,68 @@ def test_training_lowers_the_loss():
         opt.step()
     after = eval_loss()
     assert after < 0.6 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the grid layout (OccSora's tokenizer latent, issue #7 section 4)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes", [(2, 4, 4), (3, 5, 3), (1, 2, 6)])
+def test_grid_layout_puts_frames_side_by_side(sizes):
+    T, X, Y = sizes
+    g = torch.randn(2, 5, T, X, Y, generator=torch.Generator().manual_seed(0))
+    lay = D.token_layout("grid", sizes, 2)
+    m = lay.to_map({"grid": g})
+    assert m.shape == (2, 5, X, T * Y) and lay.map_shape == (X, T * Y)
+    for t in range(T):  # frame t is the column block [t * Y, (t + 1) * Y)
+        assert torch.equal(m[..., t * Y:(t + 1) * Y], g[:, :, t])
+    assert torch.equal(lay.from_map(m)["grid"], g)
+    assert lay.num_padding == 0 and lay.num_tokens == -(-X // 2) * -(-T * Y // 2)
+    if Y % 2 == 0:  # frame 0's patches: the layout condition's place
+        gx, gy = -(-X // 2), Y // 2
+        f0 = P.unpatchify(P.patchify(P.pad_to_multiple(m, 2), 2)[:, lay.xy_patches()], (gx, gy), 2)
+        assert torch.equal(f0[..., :X, :Y], g[:, :, 0])
+
+
+def test_grid_dit_sizing_and_errors():
+    from occlab.models.occsora import occsora_small
+
+    os_cfg = occsora_small()  # 32x32x8, 8 frames, rates (4, 8, 8): latent (128, 2, 4, 4)
+    sizes = type("V", (), {"latent_sizes": os_cfg.latent_sizes, "latent_channels": os_cfg.code_dim,
+                           "frames": os_cfg.frames})
+    cfg = D.config_for_vae(sizes, "small", rollout="grid")
+    assert cfg.sizes == (2, 4, 4) and cfg.channels == 128
+    info = D.model_info(cfg)
+    assert info["map_shape"] == [128, 4, 8] and info["tokens"] == 8 and info["padding_patches"] == 0
+    with pytest.raises(OcclabError):
+        D.DiTConfig(rollout="grid", sizes=(2, 4, 4, 2))  # a grid latent has three sizes
+    with pytest.raises(OcclabError):
+        D.DiTConfig(rollout="pro", sizes=(2, 4, 4))
+    with pytest.raises(OcclabError):
+        D.token_layout("grid", (2, 4, 4), 2).to_map({"grid": torch.zeros(1, 3, 2, 4, 5)})
+
+
+def test_grid_dit_is_zero_at_init_and_fits_one_latent():
+    """The same DiT over a grid latent: dict in, dict out; the loss at fixed (t, noise) on one latent falls."""
+    torch.manual_seed(0)
+    model = D.DiT(D.dit_tiny(rollout="grid", sizes=(2, 4, 4), channels=8, width=64, heads=4, cond_dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    latent = {"grid": torch.randn(1, 8, 2, 4, 4, generator=g).expand(8, -1, -1, -1, -1)}
+    out = model(latent, torch.arange(8))
+    assert out["grid"].shape == (8, 8, 2, 4, 4) and torch.count_nonzero(out["grid"]) == 0
+    diff = Diffusion(steps=100)
+    x0, mask = model.layout.to_map(latent), model.loss_mask()
+    t_eval, noise_eval = torch.arange(0, 100, 100 // 8)[:8], torch.randn(8, 8, 4, 8, generator=g)
+
+    def eval_loss():
+        with torch.no_grad():
+            return diff.loss(lambda x, t: model(x, t), x0, t=t_eval, noise=noise_eval, mask=mask).item()
+
+    before = eval_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss = diff.loss(lambda x, t: model(x, t), x0, mask=mask, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < 0.6 * before

@@ -44,10 +44,20 @@ def test_rollout_claims_hold_fail_or_are_inconclusive():
     assert gen.claims(_table(10, 20, 30, 1), "05_rollout_ablation", "smoke")[0]["holds"] == "smoke"
 
 
-def test_the_occsora_claim_says_why_it_is_not_decided():
-    t = _table(10.0, 20.0, 30.0, 1.0).replace({"pro": "dynamiccity"})
-    (c,) = gen.claims(t, "02_generation", "study")
-    assert c["id"] == "dc-t2-dc-occsora" and c["holds"] == "inconclusive" and "OccSora" in c["note"]
+def _methods_table(dynamiccity: float, occsora: float, std: float) -> pd.DataFrame:
+    t = _table(dynamiccity, occsora, 99.0, std).replace({"pro": "dynamiccity", "vconcat": "occsora"})
+    return t[t.variant != "unfold"]
+
+
+def test_the_occsora_claim_compares_the_two_rows_with_the_sample_seed_spread():
+    (c,) = gen.claims(_methods_table(10.0, 30.0, 1.0), "02_generation", "study")
+    assert c["id"] == "dc-t2-dc-occsora" and c["holds"] == "yes" and c["margin"] == pytest.approx(20.0)
+    assert c["ours"] == [pytest.approx(10.0), pytest.approx(30.0)] and c["seeds"] == 2
+    assert gen.claims(_methods_table(30.0, 10.0, 1.0), "02_generation", "study")[0]["holds"] == "no"
+    assert gen.claims(_methods_table(19.0, 20.0, 3.0), "02_generation", "study")[0]["holds"] == "inconclusive"
+    only = _methods_table(10.0, 30.0, 1.0)
+    (missing,) = gen.claims(only[only.variant != "occsora"], "02_generation", "study")
+    assert missing["holds"] == "inconclusive" and missing["note"] == "not run at this preset"
 
 
 def test_generation_claims_belong_to_the_generation_notebooks():
@@ -75,15 +85,18 @@ def test_smoke_rollout_ablation_writes_the_table_and_verdicts(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_smoke_methods_table_lists_extra_generators_and_the_missing_occsora_row(tmp_path, monkeypatch):
+def test_smoke_methods_table_has_both_rows_and_extra_generators(tmp_path, monkeypatch):
     monkeypatch.setenv("OCCLAB_CACHE", str(tmp_path / "cache"))
     data = gen.train_vae("smoke", progress=False)[1]
     val = gen.real_labels(data, "val", 4)
     rows, table = gen.methods("smoke", spaces=("3d",), extra={"val copy": val}, progress=False)
-    assert list(table.variant) == ["dynamiccity", "val copy", "real train windows (reference)", "occsora"]
+    assert list(table.variant) == ["dynamiccity", "occsora", "val copy", "real train windows (reference)"]
     copy = table[table.variant == "val copy"].iloc[0]
     assert copy["ours: fid_3d"] == pytest.approx(0.0, abs=1e-3)  # the validation windows against themselves
-    assert math.isnan(table[table.variant == "occsora"].iloc[0]["ours: fid_3d"])
+    occsora = table[table.variant == "occsora"].iloc[0]
+    assert np.isfinite(occsora["ours: fid_3d"]) and occsora["ours: run_ids"].startswith("dit-")
+    assert occsora["ours: run_ids"] != table[table.variant == "dynamiccity"].iloc[0]["ours: run_ids"]
+    assert rows[rows.variant == "occsora"].vae_run.iloc[0] != rows[rows.variant == "dynamiccity"].vae_run.iloc[0]
     assert "paper: CarlaSC fid 3D" in table
     (c,) = gen.claims(table, "02_generation", "smoke")
-    assert c["holds"] == "smoke" and "OccSora" in c["note"]
+    assert c["holds"] == "smoke" and c["note"] == "" and None not in c["ours"]

@@ -284,10 +284,10 @@ def test_clear_errors(vae, dit_ckpt, tmp_path, capsys):
         encode_latents(tmp_path / "none.pt")
     assert main(["train", "dit", "--vae-ckpt", str(tmp_path / "none.pt"), "--steps", "1"]) == 2
     assert "no such file" in capsys.readouterr().err
-    info = {"name": "occsora", "config": {}, "code": "x"}
-    checkpoint.save_atomic({"model": {}, "model_info": info, "data": {}}, tmp_path / "occsora.pt")
-    with pytest.raises(OcclabError, match="no HexPlane latent"):
-        encode_latents(tmp_path / "occsora.pt")
+    info = {"name": "sep4d", "config": {}, "code": "x"}
+    checkpoint.save_atomic({"model": {}, "model_info": info, "data": {}}, tmp_path / "sep4d.pt")
+    with pytest.raises(OcclabError, match="has no latent the DiT takes"):
+        encode_latents(tmp_path / "sep4d.pt")
 
     paths = encode_latents(vae, progress=False)
     dit = D.dit_tiny()  # latent (2, 4, 4, 2) x 4: not the VAE's (2, 8, 8, 4)
@@ -317,3 +317,78 @@ def test_clear_errors(vae, dit_ckpt, tmp_path, capsys):
     checkpoint.save_atomic({**state, "vae_ckpt": str(tmp_path / "other_vae.pt")}, moved)
     with pytest.raises(OcclabError, match="has changed since its latents were encoded"):
         generate(moved, 1, tmp_path / "g", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OccSora's latent grid: the same cache, trainer and sampler (issue #7 section 4)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def occsora_vae(vae):
+    """An OccSora tokenizer trained 2 steps at the smoke preset (latent (D, T', X', Y') = (16, 2, 4, 4))."""
+    out = vae.parents[1] / "occsora"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OCCLAB_CACHE", str(vae.parents[1] / "town"))
+        assert main(["train", "vae", "--model", "occsora", "--preset", "smoke", "--steps", "2", "--threads", "1",
+                     "--out", str(out)]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_occsora_latents_round_trip_to_the_tokenizers_reconstruction(occsora_vae):
+    from occlab.train.latents import decode_latent, denormalise, load_vae
+    from occlab.train.runs import load_trained
+    from occlab.train.trainer import model_input
+
+    paths = encode_latents(occsora_vae, progress=False)
+    train = read_cache(paths["train"])
+    assert train["latent_kind"] == "grid" and tuple(train["planes"]["grid"].shape) == (4, 16, 2, 4, 4)
+    raw = train["planes"]["grid"].double()  # per-channel train statistics (a 2-step tokenizer may use one code:
+    mean, std = raw.mean((0, 2, 3, 4)), raw.std((0, 2, 3, 4), unbiased=False)  # constant channels, std floored)
+    assert torch.allclose(train["stats"]["mean"]["grid"].double(), mean, atol=1e-6)
+    assert torch.allclose(train["stats"]["std"]["grid"].double(), std.clamp_min(1e-6), atol=1e-6)
+    z = normalise(train["planes"], train["stats"])["grid"]
+    assert torch.allclose(z.double(), (raw - mean[:, None, None, None]) / std.clamp_min(1e-6)[:, None, None, None],
+                          atol=1e-3)
+    ds = LatentDataset(paths["train"], "grid", 2)
+    assert ds[0]["x"].shape == (16, 4, 8)  # frames side by side: (D, X', T' * Y')
+    with pytest.raises(OcclabError, match="holds grid latents"):
+        LatentDataset(paths["train"], "pro", 2)
+    # dataset map -> latent -> un-normalised -> snapped and decoded == the tokenizer's own reconstruction
+    vae, rec = load_vae(occsora_vae)
+    _, _, windows = load_trained(occsora_vae, "train")
+    labels = torch.as_tensor(np.asarray(windows[1]["labels"]))[None].long()
+    latent = denormalise(ds.layout.from_map(ds[1]["x"][None]), ds.stats)
+    with torch.no_grad():
+        ours = decode_latent(vae, latent, "grid").argmax(1)
+        own = vae(model_input(labels))["logits"].argmax(1)  # ignored voxels enter as free, as when encoded
+        assert torch.equal(ours, own)
+        # a sampled (off-code) vector decodes as its nearest code
+        g = torch.Generator().manual_seed(0)
+        noisy = {"grid": latent["grid"] + 0.3 * torch.randn(latent["grid"].shape, generator=g)}
+        flat = noisy["grid"].permute(0, 2, 3, 4, 1).reshape(-1, 16)
+        nearest = torch.cdist(flat, vae.quantizer.codebook.weight).argmin(1).view(1, 2, 4, 4)
+        assert torch.allclose(decode_latent(vae, noisy, "grid"), vae.decode_indices(nearest))
+
+
+def test_a_dit_fits_one_occsora_latent_and_generates(occsora_vae, tmp_path):
+    from occlab.generate import generate
+
+    dit, cfg = dit_setup(occsora_vae, "smoke")
+    assert dit.rollout == "grid" and dit.sizes == (2, 4, 4) and dit.channels == 16
+    with pytest.raises(OcclabError, match="token layout 'grid' only"):
+        dit_setup(occsora_vae, "smoke", "vconcat")
+    cfg.threads, cfg.ckpt_every, cfg.steps, cfg.batch_size, cfg.lr = 1, 30, 60, 4, 2e-3
+    cfg.data_options = {"num_sequences": 1}
+    res = train_dit(occsora_vae, tmp_path / "run", dit, cfg, progress=False)
+    ds = LatentDataset(json.loads((tmp_path / "run" / "config.json").read_text())["latents"], "grid")
+    assert len(ds) == 1
+    x0 = ds[0]["x"][None]
+    diffusion = Diffusion(cfg.diffusion_steps)
+    untrained = D.DiT(dit).eval()
+    trained, _ = load_dit(res.checkpoint, ema=False)
+    before = fixed_loss(untrained, x0, diffusion, untrained.loss_mask())
+    after = fixed_loss(trained, x0, diffusion, trained.loss_mask())
+    assert before == pytest.approx(1.0, abs=0.1) and after < 0.75 * before, (before, after)
+    paths = generate(res.checkpoint, 2, tmp_path / "samples", steps=4, progress=False)
+    labels = read_labels(paths)
+    assert len(labels) == 2 and labels[0].shape == (T, *GRID) and labels[0].dtype == np.uint8

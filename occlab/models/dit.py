@@ -22,6 +22,8 @@ Token layouts (`TokenLayout`, every size computed from the plane shapes; Dynamic
   (ceil(sqrt(N)) wide): the positional embedding sees only the position in the sequence, as a naive token
   sequence would. The released code has neither alternative; this is our reading of the paper's text.
 With padding dropped and sizes that are multiples of p, all three give the same tokens (at other positions).
+- `grid` (not a HexPlane layout): OccSora's tokenizer latent (C, T', X', Y') with its frames side by side as one
+  (C, X', T' * Y') map (occlab.models.grid_latent), so that OccSora's generation row uses this same DiT.
 
 DiT (released `DiT-DC/2` at CarlaSC: depth 16, width 384, 8 heads, patch 2, mlp ratio 4, qkv bias, tanh GELU,
 LayerNorm eps 1e-6 without affine; the same weight init). Conditions, each switched on by the config:
@@ -67,6 +69,7 @@ from occlab.classes import NUM_CLASSES_CARLASC
 from occlab.errors import OcclabError
 from occlab.models.blocks import count_parameters
 
+from occlab.models.grid_latent import GRID, GridLayout, token_layout
 from occlab.planes import AXES, PLANES, ROLLOUTS, STACK_ORDER, TokenLayout, pad_to_multiple, patchify, unpatchify
 SPATIAL_COND = ("tokens", "adaln")
 CONDITIONS = ("command", "trajectory", "layout", "previous")
@@ -87,8 +90,8 @@ class DiTConfig:
     """All sizes of a HexPlane DiT. Defaults: the released DiT-DC/2 at the CarlaSC latent (VAE rates 2,2,2,2)."""
 
     channels: int = 16  # C of every latent plane
-    sizes: tuple[int, int, int, int] = (8, 64, 64, 4)  # latent T', X', Y', Z'
-    rollout: str = "pro"  # token layout: "pro" | "unfold" | "vconcat"
+    sizes: tuple[int, ...] = (8, 64, 64, 4)  # latent T', X', Y', Z' (a "grid" latent: T', X', Y')
+    rollout: str = "pro"  # token layout: "pro" | "unfold" | "vconcat"; "grid": OccSora's (C, T', X', Y') latent
     patch_size: int = 2
     depth: int = 16
     width: int = 384
@@ -109,10 +112,12 @@ class DiTConfig:
 
     def __post_init__(self):
         self.sizes = tuple(int(v) for v in self.sizes)
-        if len(self.sizes) != 4 or min(self.sizes) < 1:
-            raise OcclabError(f"sizes must be the latent (T, X, Y, Z), got {self.sizes}")
-        if self.rollout not in ROLLOUTS:
-            raise OcclabError(f"rollout must be one of {ROLLOUTS}, got {self.rollout!r}")
+        if self.rollout not in (*ROLLOUTS, GRID):
+            raise OcclabError(f"rollout must be one of {(*ROLLOUTS, GRID)}, got {self.rollout!r}")
+        dims = 3 if self.rollout == GRID else 4
+        if len(self.sizes) != dims or min(self.sizes) < 1:
+            what = "grid latent (T, X, Y)" if dims == 3 else "latent (T, X, Y, Z)"
+            raise OcclabError(f"sizes must be the {what} for rollout {self.rollout!r}, got {self.sizes}")
         if self.spatial_cond not in SPATIAL_COND:
             raise OcclabError(f"spatial_cond must be one of {SPATIAL_COND}, got {self.spatial_cond!r}")
         if self.width % self.heads or self.width % 4:
@@ -125,11 +130,13 @@ class DiTConfig:
         return dict(zip(AXES, self.sizes))
 
     def plane_shapes(self) -> dict[str, tuple[int, int]]:
-        """{plane: (a, b)} of the latent HexPlane."""
+        """{plane: (a, b)} of the latent HexPlane ({"grid": (X', T' * Y')} of a grid latent's map)."""
+        if self.rollout == GRID:
+            return dict(GridLayout(self.sizes, self.patch_size).shapes)
         return P.plane_shapes(self.latent_sizes, AXES)
 
-    def layout(self) -> TokenLayout:
-        return TokenLayout(self.rollout, self.plane_shapes(), self.patch_size)
+    def layout(self) -> TokenLayout | GridLayout:
+        return token_layout(self.rollout, self.sizes, self.patch_size)
 
     @property
     def conditions(self) -> list[str]:
@@ -161,8 +168,8 @@ def config_for_vae(vae_config, preset: str = "small", **kw) -> DiTConfig:
     """A DiT preset sized for the latent of a VAE config (anything with latent_sizes, latent_channels, frames)."""
     if preset not in PRESETS:
         raise OcclabError(f"unknown DiT preset {preset!r}; expected one of {sorted(PRESETS)}")
-    s = vae_config.latent_sizes
-    return PRESETS[preset](sizes=tuple(s[a] for a in AXES), channels=vae_config.latent_channels,
+    s = vae_config.latent_sizes  # {t, x, y, z} of a HexPlane, {t, x, y} of a grid latent
+    return PRESETS[preset](sizes=tuple(s[a] for a in AXES if a in s), channels=vae_config.latent_channels,
                            frames=vae_config.frames, **kw)
 
 
@@ -479,6 +486,6 @@ def model_info(config: DiTConfig) -> dict:
     }
 
 
-__all__ = ["AXES", "COMMANDS", "CONDITIONS", "PLANES", "PRESETS", "RELEASED_PARAMS_CARLASC", "ROLLOUTS", "STACK_ORDER",
-           "DiT", "DiTBlock", "PlaneMapInput", "DiTConfig", "TokenLayout", "config_for_vae", "dit_paper", "dit_small",
-           "dit_tiny", "model_info", "patchify", "sincos_2d", "unpatchify"]
+__all__ = ["AXES", "COMMANDS", "CONDITIONS", "GRID", "PLANES", "PRESETS", "RELEASED_PARAMS_CARLASC", "ROLLOUTS",
+           "STACK_ORDER", "DiT", "DiTBlock", "DiTConfig", "GridLayout", "PlaneMapInput", "TokenLayout",
+           "config_for_vae", "dit_paper", "dit_small", "dit_tiny", "model_info", "patchify", "sincos_2d", "token_layout", "unpatchify"]

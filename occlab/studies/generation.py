@@ -7,8 +7,10 @@ windows with the kit's feature networks (`generation_metrics`: 3D by the f3d net
 A real-vs-real reference row (train windows scored against the same validation windows) shows the metric floor
 a perfect generator would reach with this many samples.
 
-05: rollout "unfold" | "vconcat" | "pro". 02: DynamicCity (the padded-rollout DiT); OccSora's row needs a DiT
-over the OccSora tokenizer's latent, which is not built yet (issue #7 §4): its row is listed as not run.
+05: rollout "unfold" | "vconcat" | "pro". 02: DynamicCity (the padded-rollout DiT) and OccSora: the same DiT
+(same preset, steps and training) over the preset's OccSora tokenizer latent (its code vectors, frames side by
+side: token layout "grid", occlab.models.grid_latent), samples snapped to the nearest codes and decoded by
+OccSora's decoder. The OccSora VAE is notebook 01's (the run cache).
 `extra` lets other generators (e.g. X-Scene's triplane diffusion) join 02's table as {name: labels}.
 """
 from __future__ import annotations
@@ -63,13 +65,14 @@ def gen_size(preset: str) -> GenSize:
 # ---------------------------------------------------------------------------------------------------------
 
 def train_vae(preset: str, dataset: str = "synthetic_town", data_root: str | None = None, device: str = "cpu",
-              seed: int = 0, progress: bool = True):
-    """(run, DataConfig) of the preset's DynamicCity VAE (the one notebooks 01/03 train: the run cache)."""
+              seed: int = 0, progress: bool = True, model: str = "dynamiccity"):
+    """(run, DataConfig) of the preset's VAE of `model` ("dynamiccity" | "occsora"; the ones notebooks 01/03
+    train: the run cache)."""
     from occlab.studies.vae import vae_setup
     from occlab.train.runs import train_or_load
 
-    config, data, train = vae_setup("dynamiccity", preset, dataset, data_root, device, seed)
-    return train_or_load("dynamiccity", config, data, train, progress=progress), data
+    config, data, train = vae_setup(model, preset, dataset, data_root, device, seed)
+    return train_or_load(model, config, data, train, progress=progress), data
 
 
 def train_generator(vae_ckpt, preset: str, rollout: str = "pro", device: str = "cpu", seed: int = 0,
@@ -240,10 +243,10 @@ def rollout_ablation(preset: str, dataset: str = "synthetic_town", data_root: st
 
 def methods(preset: str, dataset: str = "synthetic_town", data_root: str | None = None, device: str = "cpu",
             seed: int = 0, spaces=("3d", "2d"), extra: dict[str, np.ndarray] | None = None, progress: bool = True):
-    """DynamicCity Tab. 2: (rows, table) of DynamicCity (padded-rollout DiT) and the reference row in `spaces`.
+    """DynamicCity Tab. 2: (rows, table) of DynamicCity (padded-rollout DiT), OccSora (the same DiT over its
+    tokenizer's latent grid) and the reference row in `spaces`.
 
-    OccSora's row is listed without numbers until its latent DiT exists. `extra` {name: labels (n, T, X, Y, Z)}
-    joins other generators' samples (X-Scene Tab. 2 rows) scored the same way.
+    `extra` {name: labels (n, T, X, Y, Z)} joins other generators' samples (X-Scene Tab. 2 rows) scored the same way.
     """
     vae, data = train_vae(preset, dataset, data_root, device, seed, progress)
     weights = feature_weights(data, preset, device, progress)
@@ -251,14 +254,19 @@ def methods(preset: str, dataset: str = "synthetic_town", data_root: str | None 
     f2d = is_weights_2d(data, preset, device, progress) if "2d" in spaces else None
     dit = train_generator(vae.path / "checkpoint.pt", preset, "pro", device, seed, progress)
     rows = _sample_rows("dynamiccity", dit, real, data, preset, spaces, weights, device, f2d)
+    occsora, occsora_data = train_vae(preset, dataset, data_root, device, seed, progress, model="occsora")
+    if (occsora_data.crop, occsora_data.frames) != (data.crop, data.frames):
+        raise OcclabError(f"the {preset} OccSora VAE sees crop {occsora_data.crop} x {occsora_data.frames} frames, "
+                          f"DynamicCity's {data.crop} x {data.frames}: their samples are not comparable")
+    occsora_dit = train_generator(occsora.path / "checkpoint.pt", preset, "grid", device, seed, progress)
+    rows += _sample_rows("occsora", occsora_dit, real, data, preset, spaces, weights, device, f2d)
     for name, fake in (extra or {}).items():
         rows.append({"variant": name, "sample_seed": 0,
                      **score(real, fake, data, spaces, weights, gen_size(preset).frame_stride, device, f2d)})
     rows.append(reference_row(real, data, preset, spaces, weights, device, f2d))
-    rows = pd.DataFrame(rows).assign(vae_run=vae.id)
+    rows = pd.DataFrame(rows)
+    rows = rows.assign(vae_run=np.where(rows.variant == "occsora", occsora.id, vae.id))
     table = summarize(rows, spaces)
-    table = pd.concat([table, pd.DataFrame([{"variant": "occsora", "seeds": 0,
-                                             "run_ids": "not built (issue #7 section 4)"}])], ignore_index=True)
     labels = {"occsora": "OccSora", "dynamiccity": "DynamicCity"}
     return rows, _beside(table, _paper("dynamiccity_t2_generation", "method", labels, spaces))
 
@@ -274,11 +282,7 @@ def claims(table: pd.DataFrame, notebook: str, preset: str) -> list[dict]:
         v = {k.removeprefix("ours: "): r[k] for k in table.columns if k.startswith("ours: ")}
         v = {k: (None if isinstance(x, float) and np.isnan(x) else x) for k, x in v.items()}
         values[r["variant"]] = {**v, "seeds": int(v.get("seeds") or 0), "run_ids": v.get("run_ids") or ""}
-    out = evaluate_claims(notebook, values, preset)
-    for c in out:
-        if "occsora" in c["id"] and "occsora" not in values:
-            c["note"] = "OccSora's latent DiT is not built yet (issue #7 section 4)"
-    return out
+    return evaluate_claims(notebook, values, preset)
 
 
 def frames_figure(samples: dict[str, np.ndarray], out, frame: int = 0, per_row: int = 3, geometry: str = "carlasc"):

@@ -29,7 +29,7 @@ from occlab import checkpoint
 from occlab.diffusion import Diffusion
 from occlab.errors import OcclabError
 from occlab.metrics.cost import CostMeter
-from occlab.models.dit import CONDITIONS, DiT, DiTConfig, config_for_vae
+from occlab.models.dit import CONDITIONS, GRID, DiT, DiTConfig, config_for_vae
 from occlab.train.latents import LatentDataset, encode_latents, latent_geometry, read_vae_checkpoint
 from occlab.train.trainer import (StepBatches, TrainingDiverged, _finite, _read_log, _write_log, autocast,
                                   setup_distributed)
@@ -65,7 +65,9 @@ class DiTTrainConfig:
 # what `occlab train dit --preset` sizes (DiT size preset, training overrides). smoke proves the plumbing. study:
 # dit_small (4.2 M) at the study VAE's latent (4, 16, 16, 4) x 8 takes about 0.33 s a step at batch 8 on one
 # loaded CPU thread (all three layouts within 20 %), so 1000 steps are about 6 minutes; whether that is enough
-# for the rollout ordering to show is not yet measured. paper: DiT defaults (AdamW 1e-4, EMA 0.9999).
+# for the rollout ordering to show is not yet measured. OccSora's study latent (128 x 2 x 4 x 4, layout "grid": 8
+# tokens) makes the same dit_small 0.06 s a step (DynamicCity's 132 tokens: 0.39 s, both measured together on one
+# thread of the loaded 2-core machine). paper: DiT defaults (AdamW 1e-4, EMA 0.9999).
 PRESETS = {
     "smoke": ("tiny", {"steps": 20, "batch_size": 4, "lr": 1e-3, "ema_decay": 0.99, "ckpt_every": 10}),
     "study": ("small", {"steps": 1000, "batch_size": 8, "lr": 3e-4, "ema_decay": 0.999, "ckpt_every": 100}),
@@ -86,6 +88,10 @@ def dit_setup(vae_ckpt: str | os.PathLike, preset: str = "smoke", rollout: str =
     size, train_kw = PRESETS[preset]
     flags = {f"{c}_cond": c in conditions for c in CONDITIONS}
     geo = latent_geometry(rec["info"]["config"])
+    if geo["kind"] == "grid":  # OccSora's latent grid has one token layout
+        if rollout not in ("pro", GRID):
+            raise OcclabError(f"{vae_ckpt}: an OccSora latent takes the token layout 'grid' only, got {rollout!r}")
+        rollout = GRID
     vae = _VaeSizes(geo)
     dit = config_for_vae(vae, size, rollout=rollout, layout_channels=geo["num_classes"], **flags, **dit_kw)
     precision = ("bf16" if preset == "paper" else "fp32") if device.startswith("cuda") else "fp32"
@@ -168,7 +174,8 @@ def condition_drops(dit: DiTConfig, batch: dict, device: torch.device) -> dict[s
 def train_dit(vae_ckpt: str | os.PathLike, out_dir: str | os.PathLike, dit: DiTConfig | None = None,
               cfg: DiTTrainConfig | None = None, *, latents_dir: str | os.PathLike | None = None,
               progress: bool = True) -> DiTTrainResult:
-    """Train a HexPlane DiT on the latents of `vae_ckpt` (encoded and cached first) and write the run folder;
+    """Train a DiT on the latents of `vae_ckpt` (a DynamicCity HexPlane or an OccSora latent grid; encoded and cached
+    first) and write the run folder;
     an existing checkpoint in `out_dir` is resumed exactly. `dit` defaults to the small preset for the VAE."""
     cfg = cfg or DiTTrainConfig()
     out = Path(out_dir)

@@ -1,9 +1,12 @@
-"""HexPlane latents of a dataset, cached on disk for DiT training (DynamicCity's second stage).
+"""Latents of a dataset, cached on disk for DiT training (DynamicCity's second stage, OccSora's generator).
 
-`encode_latents(vae_ckpt)` encodes every window of the train split (and others) with a trained HexPlane VAE
-(the posterior mean mu, eval mode) and writes one file per split, `<split>.pt`, atomically:
+`encode_latents(vae_ckpt)` encodes every window of the train split (and others) with a trained VAE (eval mode)
+and writes one file per split, `<split>.pt`, atomically. Two latent kinds (`LATENT_KINDS`, by VAE model):
+"hexplane" (DynamicCity: the posterior mean mu, six planes) and "grid" (OccSora: the quantised latent, the code
+vectors of its tokens, one entry {"grid": (N, D, T', X', Y')}; decoded by snapping each vector to its nearest
+code first, `decode_latent`). Everything below holds for both; "planes" names the latent's entries.
 
-- `planes` {tx, ty, tz, xy, xz, yz: (N, C, a, b) float32}: the raw (un-normalised) mu of each window;
+- `planes` {tx, ty, tz, xy, xz, yz: (N, C, a, b) float32} (or {grid: (N, D, T', X', Y')}): the raw latents;
 - the conditions of each window: `command` (N,) long, `trajectory` (N, T, 3) float32 (per-frame dx, dy, dyaw of
   the window's own poses), `layout` (N, K, X', Y') float16 (the fraction of the window's frames and of the
   (dX x dY) BEV cells under each latent cell whose top class is k: the BEV map per frame, one-hot, averaged
@@ -33,11 +36,13 @@ from tqdm.auto import tqdm
 
 from occlab import checkpoint
 from occlab.errors import OcclabError
-from occlab.planes import AXES, PLANES, TokenLayout, plane_shapes
+from occlab.models.grid_latent import GRID, LATENT_NAME, token_layout
+from occlab.planes import AXES, PLANES, plane_shapes
 
 CACHE_KIND = "occlab-latents"
 CACHE_VERSION = 1
 HEXPLANE_MODELS = ("dynamiccity",)  # VAEs whose latent is a HexPlane the DiT can take
+LATENT_KINDS = {"dynamiccity": "hexplane", "occsora": "grid"}  # VAE model -> the latent kind the DiT takes
 CONDITION_KEYS = ("command", "trajectory", "layout", "previous")
 STD_FLOOR = 1e-6  # a channel that never varies is divided by this instead of zero
 
@@ -70,9 +75,9 @@ def read_vae_checkpoint(path: str | os.PathLike) -> dict:
     info = state.get("model_info") if isinstance(state, dict) else None
     if not info or "model" not in state or "data" not in state:
         raise OcclabError(f"{path}: not a VAE checkpoint of `occlab train vae` (keys {sorted(state)[:8]})")
-    if info.get("name") not in HEXPLANE_MODELS:
-        raise OcclabError(f"{path}: a {info.get('name')!r} model has no HexPlane latent; the DiT needs one of "
-                          f"{HEXPLANE_MODELS}")
+    if info.get("name") not in LATENT_KINDS:
+        raise OcclabError(f"{path}: a {info.get('name')!r} model has no latent the DiT takes; the DiT needs one of "
+                          f"{tuple(LATENT_KINDS)}")
     return {"state": state, "info": info, "data": state["data"], "fingerprint": vae_fingerprint(state["model"])}
 
 
@@ -91,12 +96,52 @@ def load_vae(path: str | os.PathLike, fingerprint: str | None = None):
 
 
 def latent_geometry(vae_config) -> dict:
-    """{sizes (T', X', Y', Z'), channels, frames, grid, num_classes} of a HexPlane VAE config (object or dict)."""
+    """{kind, sizes, channels, frames, grid, num_classes} of a VAE config (object or dict): a HexPlane VAE's sizes
+    (T', X', Y', Z') and latent channels, or an OccSora tokenizer's (kind "grid") sizes (T', X', Y') and code width."""
     get = (lambda k: vae_config[k]) if isinstance(vae_config, Mapping) else (lambda k: getattr(vae_config, k))
-    frames, grid, rates = int(get("frames")), tuple(int(v) for v in get("grid")), tuple(int(v) for v in get("rates"))
-    sizes = tuple(n // r for n, r in zip((frames, *grid), rates))
-    return {"sizes": sizes, "channels": int(get("latent_channels")), "frames": frames, "grid": grid,
+    has = (lambda k: k in vae_config) if isinstance(vae_config, Mapping) else (lambda k: hasattr(vae_config, k))
+    frames, grid = int(get("frames")), tuple(int(v) for v in get("grid"))
+    if has("rates"):
+        kind, rates, channels = "hexplane", tuple(int(v) for v in get("rates")), int(get("latent_channels"))
+        sizes = tuple(n // r for n, r in zip((frames, *grid), rates))
+    else:  # OccSora: rates (dT, dX, dY), height folded into channels
+        kind, rates, channels = "grid", tuple(int(v) for v in get("downsample")), int(get("code_dim"))
+        sizes = tuple(n // r for n, r in zip((frames, *grid[:2]), rates))
+    return {"kind": kind, "sizes": sizes, "channels": channels, "frames": frames, "grid": grid,
             "num_classes": int(get("num_classes"))}
+
+
+def latent_names(kind: str) -> tuple[str, ...]:
+    """The entries of a latent of `kind`: the six planes, or ("grid",)."""
+    return PLANES if kind == "hexplane" else (LATENT_NAME,)
+
+
+def latent_shapes(geo: Mapping) -> dict[str, tuple[int, ...]]:
+    """{entry: shape without batch} of the latent of a geometry (latent_geometry)."""
+    if geo.get("kind", "hexplane") == "grid":
+        return {LATENT_NAME: (geo["channels"], *geo["sizes"])}
+    return {n: (geo["channels"], *ab) for n, ab in _plane_shapes(geo["sizes"]).items()}
+
+
+def encode_latent(model, labels: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """labels (B, T, X, Y, Z) -> the latent the DiT learns: HexPlane mu {plane: (B, C, a, b)}, or OccSora's
+    quantised latent {"grid": (B, D, T', X', Y')}."""
+    from occlab.train.trainer import model_input
+
+    if kind == "grid":
+        return {LATENT_NAME: model.encode(model_input(labels))["latent"]}
+    return model.encode(model_input(labels))["mu"]
+
+
+def decode_latent(model, latent: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """A (sampled) latent -> logits (B, K, T, X, Y, Z). A grid latent is snapped to its nearest codes first (OccSora's
+    decoder was trained on code vectors only)."""
+    if kind == "grid":
+        z = latent[LATENT_NAME]  # (B, D, T', X', Y')
+        B, D, T, X, Y = z.shape
+        idx = model.quantizer.nearest(z.float().permute(0, 2, 3, 4, 1).reshape(-1, D))  # (B*T'*X'*Y',)
+        return model.decode_indices(idx.view(B, T, X, Y))
+    return model.decode(latent)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,27 +167,31 @@ def layout_features(layout: torch.Tensor, num_classes: int, size: tuple[int, int
 
 
 def normalise(planes: Mapping[str, torch.Tensor], stats: Mapping) -> dict[str, torch.Tensor]:
-    """(planes - mean) / std per plane and channel; planes (C, a, b) or (B, C, a, b)."""
-    return {n: (planes[n] - _bc(stats["mean"][n], planes[n])) / _bc(stats["std"][n], planes[n]) for n in PLANES}
+    """(planes - mean) / std per entry and channel; planes (C, a, b) or (B, C, a, b) (a grid: (C, T, X, Y) or
+    (B, C, T, X, Y)); the entries are those of `stats`."""
+    return {n: (planes[n] - _bc(stats["mean"][n], n, planes[n])) / _bc(stats["std"][n], n, planes[n])
+            for n in stats["mean"]}
 
 
 def denormalise(planes: Mapping[str, torch.Tensor], stats: Mapping) -> dict[str, torch.Tensor]:
     """Inverse of `normalise`."""
-    return {n: planes[n] * _bc(stats["std"][n], planes[n]) + _bc(stats["mean"][n], planes[n]) for n in PLANES}
+    return {n: planes[n] * _bc(stats["std"][n], n, planes[n]) + _bc(stats["mean"][n], n, planes[n])
+            for n in stats["mean"]}
 
 
-def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(device=like.device, dtype=like.dtype)[:, None, None]
+def _bc(v: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
+    cells = 3 if name == LATENT_NAME else 2  # spatial axes after the channel
+    return v.to(device=like.device, dtype=like.dtype).reshape(-1, *[1] * cells)
 
 
 def plane_stats(planes: Mapping[str, torch.Tensor]) -> dict:
-    """Mean and (population) std per plane and channel of {name: (N, C, a, b)}, in float64 then float32."""
+    """Mean and (population) std per entry and channel of {name: (N, C, ...)}, in float64 then float32."""
     mean, std = {}, {}
-    for n in PLANES:
-        v = planes[n].double().transpose(0, 1).reshape(planes[n].shape[1], -1)  # (C, N * a * b)
+    for n in planes:
+        v = planes[n].double().transpose(0, 1).reshape(planes[n].shape[1], -1)  # (C, N * cells)
         mean[n] = v.mean(1).float()
         std[n] = v.std(1, unbiased=False).clamp_min(STD_FLOOR).float()
-    return {"mean": mean, "std": std, "windows": int(planes[PLANES[0]].shape[0])}
+    return {"mean": mean, "std": std, "windows": int(next(iter(planes.values())).shape[0])}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,14 +217,13 @@ def previous_windows(dataset) -> torch.Tensor:
 
 @torch.no_grad()
 def _encode_split(model, dataset, geo: dict, device: torch.device, batch_size: int, progress: bool, what: str) -> dict:
-    from occlab.train.trainer import model_input
-
     n = len(dataset)
     if n == 0:
         raise OcclabError(f"{what}: the split has no windows")
-    planes = {name: [] for name in PLANES}
+    shapes = latent_shapes(geo)
+    planes = {name: [] for name in shapes}
     command, trajectory, layout = [], [], []
-    _, X, Y, _ = geo["sizes"]
+    X, Y = geo["sizes"][1:3]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     bar = tqdm(total=n, desc=f"encode {what}", disable=not progress, dynamic_ncols=True)
     for batch in loader:
@@ -183,8 +231,8 @@ def _encode_split(model, dataset, geo: dict, device: torch.device, batch_size: i
         if tuple(labels.shape[1:]) != (geo["frames"], *geo["grid"]):
             raise OcclabError(f"{what}: windows of shape {tuple(labels.shape[1:])} do not fit the VAE, which "
                               f"takes (T, X, Y, Z) = {(geo['frames'], *geo['grid'])}")
-        mu = model.encode(model_input(labels.to(device).long()))["mu"]
-        for name in PLANES:
+        mu = encode_latent(model, labels.to(device).long(), geo["kind"])
+        for name in shapes:
             planes[name].append(mu[name].float().cpu())
         command.append(batch["command"].long().reshape(-1))
         trajectory.append(batch["trajectory"].float())
@@ -192,11 +240,9 @@ def _encode_split(model, dataset, geo: dict, device: torch.device, batch_size: i
         bar.update(len(labels))
     bar.close()
     out = {name: torch.cat(v) for name, v in planes.items()}
-    shapes = _plane_shapes(geo["sizes"])
-    for name in PLANES:
-        want = (geo["channels"], *shapes[name])
+    for name, want in shapes.items():
         if tuple(out[name].shape[1:]) != want:
-            raise OcclabError(f"{what}: the VAE encodes plane {name} as {tuple(out[name].shape[1:])}, its config "
+            raise OcclabError(f"{what}: the VAE encodes {name} as {tuple(out[name].shape[1:])}, its config "
                               f"says {want}")
     index = getattr(dataset, "index", None)
     windows = torch.tensor(index, dtype=torch.long) if index is not None else torch.arange(n)[:, None]
@@ -225,7 +271,7 @@ def read_cache(path: str | os.PathLike, mmap: bool = True) -> dict:
         raise OcclabError(f"{path}: latent cache version {data.get('version')}, this occlab reads {CACHE_VERSION}; "
                           f"encode again")
     missing = [k for k in ("planes", "stats", "vae", "command", "trajectory", "layout", "previous") if k not in data]
-    if missing or sorted(data["planes"]) != sorted(PLANES):
+    if missing or sorted(data["planes"]) != sorted(latent_names(data.get("latent_kind", "hexplane"))):
         raise OcclabError(f"latent cache {path} is incomplete (missing {missing or 'planes'}); encode again")
     return data
 
@@ -281,6 +327,7 @@ def encode_latents(vae_ckpt: str | os.PathLike, out_dir: str | os.PathLike | Non
     for split, enc in encoded.items():
         checkpoint.save_atomic({
             "kind": CACHE_KIND, "version": CACHE_VERSION, "split": split, **enc, "stats": stats,
+            "latent_kind": geo["kind"],
             "sizes": list(geo["sizes"]), "channels": geo["channels"], "frames": geo["frames"],
             "grid": list(geo["grid"]), "num_classes": geo["num_classes"],
             "vae": {"ckpt": str(Path(vae_ckpt).resolve()), "fingerprint": rec["fingerprint"],
@@ -294,10 +341,10 @@ def encode_latents(vae_ckpt: str | os.PathLike, out_dir: str | os.PathLike | Non
 # ---------------------------------------------------------------------------------------------------------
 
 class LatentDataset(Dataset):
-    """Normalised HexPlane latents of one split with their conditions.
+    """Normalised latents (HexPlane or grid) of one split with their conditions.
 
-    `rollout` "pro" | "unfold" | "vconcat": x is the layout's map (C, H, W) (`patch_size` as the DiT's); None:
-    x is the planes {name: (C, a, b)}. `conditions` limits which conditions items carry. Items:
+    `rollout` "pro" | "unfold" | "vconcat" (a HexPlane cache) or "grid" (a grid cache): x is the layout's map
+    (C, H, W) (`patch_size` as the DiT's); None: x is the latent {name: (C, a, b)} ({"grid": (C, T', X', Y')}). `conditions` limits which conditions items carry. Items:
     {"x", "cond": {"command": () long, "trajectory": (T, 3), "layout": (K, X', Y'), "previous": like x (zeros
     when there is none)}, "has_previous": () bool, "index": () long}.
     """
@@ -313,20 +360,25 @@ class LatentDataset(Dataset):
         self.split, self.vae, self.stats = data["split"], data["vae"], data["stats"]
         self.sizes, self.channels = tuple(data["sizes"]), int(data["channels"])
         self.frames, self.num_classes, self.grid = int(data["frames"]), int(data["num_classes"]), tuple(data["grid"])
-        self.planes = data["planes"]
-        n = int(self.planes[PLANES[0]].shape[0])
-        for name in PLANES:
+        self.planes, self.kind = data["planes"], data.get("latent_kind", "hexplane")
+        self.names = latent_names(self.kind)
+        n = int(self.planes[self.names[0]].shape[0])
+        for name in self.names:
             if self.planes[name].shape[0] != n:
                 raise OcclabError(f"latent cache {self.path} is inconsistent: plane {name} has "
-                                  f"{self.planes[name].shape[0]} windows, {PLANES[0]} has {n}; encode again")
+                                  f"{self.planes[name].shape[0]} windows, {self.names[0]} has {n}; encode again")
         self.command, self.trajectory = data["command"], data["trajectory"]
         self.layout_maps, self.previous = data["layout"], data["previous"]
         self.windows = data.get("windows")
+        if rollout is not None and (rollout == GRID) != (self.kind == "grid"):
+            raise OcclabError(f"latent cache {self.path} holds {self.kind} latents; the token layout {rollout!r} "
+                              f"takes {'grid' if rollout == GRID else 'hexplane'} latents (grid latents take the "
+                              f"layout 'grid', HexPlanes 'pro', 'unfold' or 'vconcat')")
         self.rollout = rollout
-        self.layout = TokenLayout(rollout, _plane_shapes(self.sizes), patch_size) if rollout is not None else None
+        self.layout = token_layout(rollout, self.sizes, patch_size) if rollout is not None else None
 
     def __len__(self) -> int:
-        return int(self.planes[PLANES[0]].shape[0])
+        return int(self.planes[self.names[0]].shape[0])
 
     @property
     def has_previous(self) -> torch.Tensor:
@@ -337,7 +389,8 @@ class LatentDataset(Dataset):
         """Raise unless the DiT config takes these latents (sizes, channels, trajectory frames, layout classes)."""
         want = (tuple(int(v) for v in dit_config.sizes), int(dit_config.channels))
         if want != (self.sizes, self.channels):
-            raise OcclabError(f"latent cache {self.path} holds HexPlanes of sizes (T', X', Y', Z') = {self.sizes} "
+            axes = "(T', X', Y')" if self.kind == "grid" else "(T', X', Y', Z')"
+            raise OcclabError(f"latent cache {self.path} holds {self.kind} latents of sizes {axes} = {self.sizes} "
                               f"with {self.channels} channels, the DiT expects {want[0]} with {want[1]}: encode "
                               f"with the VAE the DiT was sized for (config_for_vae)")
         if dit_config.trajectory_cond and dit_config.frames != self.frames:
@@ -349,7 +402,7 @@ class LatentDataset(Dataset):
 
     def raw_planes(self, i: int) -> dict[str, torch.Tensor]:
         """Window i's un-normalised planes {name: (C, a, b)}."""
-        return {n: self.planes[n][i] for n in PLANES}
+        return {n: self.planes[n][i] for n in self.names}
 
     def planes_of(self, i: int) -> dict[str, torch.Tensor]:
         """Window i's normalised planes {name: (C, a, b)}."""
@@ -378,10 +431,11 @@ class LatentDataset(Dataset):
 
 def stats_to_json(stats: Mapping) -> dict:
     """The statistics as plain lists (for reports)."""
-    return {k: ({n: [float(x) for x in np.asarray(v[n])] for n in PLANES} if isinstance(v, Mapping) else v)
+    return {k: ({n: [float(x) for x in np.asarray(v[n])] for n in v} if isinstance(v, Mapping) else v)
             for k, v in stats.items()}
 
 
-__all__ = ["CACHE_VERSION", "CONDITION_KEYS", "HEXPLANE_MODELS", "LatentDataset", "cache_dir", "denormalise",
-           "encode_latents", "latent_geometry", "layout_features", "load_vae", "normalise", "plane_stats",
+__all__ = ["CACHE_VERSION", "CONDITION_KEYS", "HEXPLANE_MODELS", "LATENT_KINDS", "LatentDataset", "cache_dir",
+           "decode_latent", "denormalise", "encode_latent", "encode_latents", "latent_geometry", "latent_names",
+           "latent_shapes", "layout_features", "load_vae", "normalise", "plane_stats",
            "previous_windows", "read_cache", "read_vae_checkpoint", "stats_to_json", "vae_fingerprint"]
