@@ -322,7 +322,8 @@ def _generate(args) -> int:
         print(json.dumps({"out": str(args.out), "files": len(paths), "frames": args.frames}))
         return 0
     paths = generate(args.ckpt, args.n, args.out, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                     cond=cond or None, seed=args.seed, batch_size=args.batch_size, eta=args.eta, device=args.device)
+                     cond=cond or None, seed=args.seed, batch_size=args.batch_size, eta=args.eta, device=args.device,
+                     clip=args.clip)
     print(json.dumps({"out": str(args.out), "files": len(paths)}))
     return 0
 
@@ -487,6 +488,8 @@ def build_parser() -> Parser:
                    help="long sequences of this many frames, chunk by chunk, each chunk conditioned on the one "
                         "before (needs a DiT trained with the previous condition); one npz per sample")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--clip", type=float, default=None,
+                   help="bound each step's x_0 prediction to [-CLIP, CLIP] (normalised latent units)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default="cpu")
     g.add_argument("--layout", default=None, help="xscene: BEV layout of the whole map (.npy, or .npz 'layout')")

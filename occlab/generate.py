@@ -120,8 +120,10 @@ def _slice(cond: dict, a: int, b: int, device) -> dict:
 @torch.no_grad()
 def sample_latents(model, diffusion, n: int, *, steps: int = 50, sampler: str = "ddim", guidance: float = 1.0,
                    cond: Mapping | None = None, seed: int = 0, batch_size: int = 8, eta: float = 0.0,
-                   device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
-    """n normalised latent maps (n, C, H, W) of a DiT (conditions already in the DiT's form)."""
+                   device: str | torch.device = "cpu", progress: bool = False,
+                   clip: float | None = None) -> torch.Tensor:
+    """n normalised latent maps (n, C, H, W) of a DiT (conditions already in the DiT's form). `clip` bounds each
+    step's x_0 prediction to [-clip, clip] (normalised units; None: unbounded)."""
     from occlab.diffusion import cfg_model
 
     if sampler not in SAMPLERS:
@@ -139,9 +141,9 @@ def sample_latents(model, diffusion, n: int, *, steps: int = 50, sampler: str = 
             fn = model
         gen = _seeded(seed + 7_919, a)  # per-step noise of this batch
         if sampler == "ddim":
-            x = diffusion.ddim_sample(fn, noise=noise, steps=steps, eta=eta, generator=gen)
+            x = diffusion.ddim_sample(fn, noise=noise, steps=steps, eta=eta, generator=gen, clip=clip)
         else:
-            x = diffusion.ddpm_sample(fn, noise=noise, generator=gen)
+            x = diffusion.ddpm_sample(fn, noise=noise, generator=gen, clip=clip)
         maps.append(x.float().cpu())
     return torch.cat(maps)
 
@@ -203,12 +205,14 @@ def write_sample(gen: dict, labels: np.ndarray, path: Path, *, command: int = -1
 
 def generate(ckpt: str | os.PathLike, n: int, out_dir: str | os.PathLike, *, steps: int = 50, sampler: str = "ddim",
              guidance: float = 1.0, cond: Mapping | None = None, seed: int = 0, batch_size: int = 8,
-             eta: float = 0.0, device: str = "cpu", ema: bool = True, progress: bool = True) -> list[Path]:
+             eta: float = 0.0, device: str = "cpu", ema: bool = True, progress: bool = True,
+             clip: float | None = None) -> list[Path]:
     """Sample n sequences with the (EMA) DiT of `ckpt`, decode them with its VAE, write `sample_00000.npz`, ...
     (occlab npz: labels uint8 (T, X, Y, Z), mask, poses, command, trajectory, layout) and `generate.json`.
 
     `steps`: DDIM steps (DDPM always runs all of the schedule's steps). `guidance`: classifier-free guidance
-    scale (1: the conditional model, 0: the unconditional one). `cond`: see `prepare_conditions`.
+    scale (1: the conditional model, 0: the unconditional one). `cond`: see `prepare_conditions`. `clip`: bound
+    on each step's x_0 prediction, in normalised latent units (None: unbounded).
     """
     if n < 1:
         raise OcclabError(f"n must be at least 1, got {n}")
@@ -218,7 +222,8 @@ def generate(ckpt: str | os.PathLike, n: int, out_dir: str | os.PathLike, *, ste
     model, state = gen["model"], gen["state"]
     dit_cond = prepare_conditions(cond, n, model, gen["vae"], gen["stats"], gen["geo"])
     maps = sample_latents(model, gen["diffusion"], n, steps=steps, sampler=sampler, guidance=guidance, cond=dit_cond,
-                          seed=seed, batch_size=batch_size, eta=eta, device=gen["device"], progress=progress)
+                          seed=seed, batch_size=batch_size, eta=eta, device=gen["device"], progress=progress,
+                          clip=clip)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +236,7 @@ def generate(ckpt: str | os.PathLike, n: int, out_dir: str | os.PathLike, *, ste
                                   seed=seed))
     meta = {"ckpt": str(Path(ckpt).resolve()), "vae_ckpt": str(state["vae_ckpt"]), "n": n, "steps": steps,
             "sampler": sampler, "eta": eta, "guidance": guidance, "seed": seed, "batch_size": batch_size,
-            "ema": ema, "conditions": sorted(dit_cond), "dit_step": int(state["step"]),
+            "ema": ema, "clip": clip, "conditions": sorted(dit_cond), "dit_step": int(state["step"]),
             "files": [p.name for p in paths]}
     (out / "generate.json").write_text(json.dumps(meta, indent=2))
     return paths

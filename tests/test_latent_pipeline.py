@@ -258,6 +258,20 @@ def test_latents_follow_the_seed(dit_ckpt):
     assert one.shape == (2, 4, 14, 14)
 
 
+def test_clip_bounds_the_sampled_latents(dit_ckpt):
+    """With x_0 clipped at every step, the last DDIM step returns the clipped x_0 itself (and DDPM adds no noise
+    at t = 0), so every sample lies inside the bound; the unclipped samples of the same noise do not."""
+    from occlab.generate import sample_latents
+
+    model, state = load_dit(dit_ckpt)
+    diffusion = Diffusion(state["diffusion_steps"])
+    bound = 0.05
+    assert sample_latents(model, diffusion, 2, steps=3, seed=0).abs().max() > bound
+    for sampler in ("ddim", "ddpm"):
+        x = sample_latents(model, diffusion, 2, steps=3, seed=0, sampler=sampler, clip=bound)
+        assert x.abs().max() <= bound + 1e-6
+
+
 def test_command_line_round_trip(vae, tmp_path, capsys):
     run = tmp_path / "dit"
     assert main(["train", "dit", "--vae-ckpt", str(vae), "--preset", "smoke", "--rollout", "vconcat",
