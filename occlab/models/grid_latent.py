@@ -25,8 +25,11 @@ GRID = "grid"  # the layout name, and the latent kind of OccSora's tokenizer
 LATENT_NAME = "grid"  # the latent dict's one entry {"grid": (B, C, T', X', Y')}
 
 
-class GridLayout:
-    """How a latent grid (C, T', X', Y') becomes one map (C, X', T' * Y') of p x p patches (see module doc)."""
+class GridLayout(TokenLayout):
+    """How a latent grid (C, T', X', Y') becomes one map (C, X', T' * Y') of p x p patches (see module doc).
+
+    A TokenLayout with its own map: it sets the attributes TokenLayout's patch counts (num_patches, num_padding,
+    num_tokens) read, and its own to_map / from_map / xy_patches."""
 
     kind = GRID
 
@@ -45,18 +48,6 @@ class GridLayout:
         self.grid = (-(-self.map_shape[0] // p), -(-self.map_shape[1] // p))
         self.padding = patch_padding(self.cell_mask, p)  # (gh, gw): none, the map edge is padded by the DiT
         self.partial = has_partial_patches(self.cell_mask, p)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def num_padding(self) -> int:
-        return int(self.padding.sum())
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_patches - self.num_padding
 
     def to_map(self, latent: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """{"grid": (B, C, T', X', Y')} -> (B, C, X', T' * Y')."""
@@ -80,7 +71,7 @@ class GridLayout:
         return (rows * self.grid[1] + cols).reshape(-1)
 
 
-def token_layout(rollout: str, sizes: Sequence[int], patch: int) -> TokenLayout | GridLayout:
+def token_layout(rollout: str, sizes: Sequence[int], patch: int) -> TokenLayout:
     """The token layout of a DiT: "grid" for a latent grid (sizes (T', X', Y')), else a HexPlane layout ("pro" |
     "unfold" | "vconcat", sizes (T', X', Y', Z'))."""
     if rollout == GRID:
