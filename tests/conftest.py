@@ -17,3 +17,12 @@ def _one_thread():
 def _private_runs(tmp_path_factory, monkeypatch):
     """Runs trained by tests go to a temporary run cache, never the user's."""
     monkeypatch.setenv("OCCLAB_RUNS", str(tmp_path_factory.getbasetemp() / "runs"))
+
+
+@pytest.fixture(scope="session")
+def quickstart_report(tmp_path_factory):
+    """The smoke reproduction of notebook 00 (Papermill, about 15 s), shared by the tests that read its report."""
+    from occlab.reproduce import reproduce
+
+    out = tmp_path_factory.mktemp("quickstart") / "reports"
+    return reproduce("smoke", only=["00"], out_dir=out, progress=False)

@@ -53,18 +53,20 @@ def notebooks(tmp_path: Path) -> Path:
 
 
 class Links(HTMLParser):
-    """Collects every href and src of a page."""
+    """Collects every href and src of a page, and every id."""
 
     def __init__(self) -> None:
         super().__init__()
         self.urls: list[str] = []
+        self.ids: set[str] = set()
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.urls += [v for k, v in attrs if k in ("href", "src") and v is not None]
+        self.ids |= {v for k, v in attrs if k == "id" and v}
 
 
 def assert_links_resolve(page: Path) -> list[str]:
-    """Every href/src of the page is relative and names an existing file; no http(s) anywhere."""
+    """Every href/src of the page is relative and names an existing file or an id on the page; no http(s)."""
     text = page.read_text()
     assert "http://" not in text and "https://" not in text and "//cdn" not in text
     parser = Links()
@@ -73,6 +75,8 @@ def assert_links_resolve(page: Path) -> list[str]:
     for url in parser.urls:
         parts = urlsplit(url)
         assert not parts.scheme and not parts.netloc, url
+        if not parts.path and parts.fragment:
+            assert parts.fragment in parser.ids, f"{url}: no element with this id on the page"
         if parts.path:
             target = page.parent / unquote(parts.path)
             assert target.is_file(), f"{url} -> {target} does not exist"
@@ -175,15 +179,9 @@ def test_quickstart_notebook_is_stored_clean() -> None:
     assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
 
 
-TOWN = REPO / "occlab" / "data" / "town"
-
-
-@pytest.mark.skipif(not (TOWN.with_suffix(".py").exists() or (TOWN / "__init__.py").exists()),
-                    reason="the synthetic town (occlab/data/town) is not written yet")
-def test_quickstart_smoke_through_papermill(tmp_path: Path) -> None:
-    result = reproduce("smoke", only=["00"], out_dir=tmp_path / "reports", progress=False)
-    record = result.notebooks[0]
+def test_quickstart_smoke_through_papermill(quickstart_report) -> None:
+    record = quickstart_report.notebooks[0]
     assert record.status == "ok", record.error
     suffixes = {Path(f).suffix for f in record.files}
     assert {".png", ".gif", ".csv"} <= suffixes
-    assert_links_resolve(tmp_path / "reports" / "index.html")
+    assert_links_resolve(quickstart_report.out_dir / "index.html")

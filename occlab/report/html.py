@@ -82,7 +82,9 @@ def write_index(out_dir: str | os.PathLike, results: Any) -> Path:
     out = Path(out_dir)
     data: Mapping[str, Any] = results.to_dict() if hasattr(results, "to_dict") else results
     notebooks = data.get("notebooks", [])
-    parts = [_header(data), _summary(notebooks), _ledger(out)] + [_notebook_section(out, nb) for nb in notebooks]
+    shown = {nb["name"] for nb in notebooks}
+    parts = [_header(data), _summary(notebooks), _ledger(out, shown)]
+    parts += [_notebook_section(out, nb) for nb in notebooks]
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{_e(_title(data))}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             + "\n".join(parts) + "\n</body>\n</html>\n")
@@ -119,8 +121,11 @@ def _summary(notebooks: list[Mapping[str, Any]]) -> str:
     return f"<h2>Notebooks</h2>\n<table>{head}{''.join(rows)}</table>"
 
 
-def _ledger(out: Path) -> str:
-    """The claims ledger: one row per claim of the papers, its verdict coloured, the paper's numbers beside ours."""
+def _ledger(out: Path, shown: set[str]) -> str:
+    """The claims ledger: one row per claim, its verdict coloured, the paper's numbers beside ours.
+
+    A claim's notebook links to its section when that notebook is on the page (`shown`), else it is plain text.
+    """
     from occlab.report.claims import ledger
 
     led = ledger(out)
@@ -132,7 +137,7 @@ def _ledger(out: Path) -> str:
         rows.append(f"<tr><td>{_e(c['statement'])}</td><td>{_e(c['paper'])}</td><td>{_e(paper)}</td>"
                     f"<td>{_e(ours)}</td><td>{_e(_number(c.get('margin')))}</td>"
                     f"<td><span class=\"status {_e(c['holds']).replace(' ', '-')}\">{_e(c['holds'])}</span></td>"
-                    f"<td><a href=\"#{_anchor(c['notebook'])}\">{_e(c['notebook'])}</a></td>"
+                    f"<td>{_section_link(c['notebook'], shown)}</td>"
                     f"<td class=\"muted\">{_e(c.get('note', ''))} {_e(runs)}</td></tr>")
     head = ("<tr><th>claim</th><th>paper</th><th>paper's numbers</th><th>ours</th><th>margin</th><th>holds</th>"
             "<th>notebook</th><th>note · runs</th></tr>")
@@ -141,6 +146,11 @@ def _ledger(out: Path) -> str:
     return (f"<h2 id=\"claims\">Claims ledger</h2>\n<p class=\"muted\">{_e(summary)}. A claim holds when our margin in "
             "the paper's direction exceeds the seed-to-seed spread; smoke verdicts are never evidence.</p>\n"
             f"<div class=\"scroll\"><table>{head}{''.join(rows)}</table></div>")
+
+
+def _section_link(name: str, shown: set[str]) -> str:
+    """A link to a notebook's section on this page, or its plain name when the section is absent."""
+    return f"<a href=\"#{_anchor(name)}\">{_e(name)}</a>" if name in shown else _e(name)
 
 
 def _number(value: Any) -> str:
