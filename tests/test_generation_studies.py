@@ -7,6 +7,7 @@ import pytest
 
 from occlab.errors import OcclabError
 from occlab.report.claims import CLAIMS
+from occlab.report.tables import read_protocol, write_table
 from occlab.studies import generation as gen
 
 
@@ -82,6 +83,11 @@ def test_smoke_rollout_ablation_writes_the_table_and_verdicts(tmp_path, monkeypa
     labels = gen.sample_labels(gen.dit_checkpoint(rows.run_id.iloc[0]), 2, 3, seed=0)
     again = gen.sample_labels(gen.dit_checkpoint(rows.run_id.iloc[0]), 2, 3, seed=0)
     assert labels.dtype == np.uint8 and labels.shape[0] == 2 and (labels == again).all()  # fixed seed: same samples
+    card = read_protocol(write_table(table, tmp_path, "rollout_ablation"))
+    assert card["unstated"] == [], card["unstated"]  # a generation card states everything, the network included
+    assert card["metric_network"].startswith("3D: f3d-synthetic_town-carlasc-16x16x8-v1") and card["frames"] == 4
+    assert card["ground_truth_in_sampling"] == "never" and card["conditions"].startswith("none")
+    assert set(card["runs"]) == set(rows.run_id.dropna())
 
 
 @pytest.mark.slow

@@ -92,3 +92,30 @@ def test_reconstruction_studies_state_their_protocol(tmp_path):
     assert card["preset"] == "study" and card["split"] == "val" and card["horizon"] is None
     assert not {"split", "classes_miou", "classes_iou", "mask", "preset"} & set(card["unstated"])
     assert runs.attrs["protocol"] == table.attrs["protocol"]
+
+
+def test_generation_studies_state_every_field(tmp_path):
+    """The cards of notebooks 02/05 (DiT samples), 07 (triplane diffusion, outpainting seams) and 08 (conditioned
+    samples) state every protocol field, the metric network by name and checksum, and what of the ground truth
+    entered sampling."""
+    from occlab.metrics.generation import default_weights
+    from occlab.studies import applications, triplane
+    from occlab.studies.generation import generation_protocol
+    from occlab.train.config import DataConfig
+
+    data = DataConfig(frames=4, crop=(16, 16, 8))
+    weights = default_weights("3d", data.dataset, data.crop, data.geometry)
+    cards = {"generation": generation_protocol("smoke", data, ("3d",), weights),
+             "diffusion": triplane.diffusion_protocol("smoke", data, 4, triplane.DIFFUSION_CONDITIONS),
+             "commands": applications.protocol("smoke", {"data": data, "vae_run": "v", "dit_run": "d"},
+                                               "the command alone")}
+    for name, card in cards.items():
+        table = pd.DataFrame({"fid": [1.0], "run_id": ["dit-x"]})  # runs come from the table's run column
+        written = read_protocol(write_table(table, tmp_path, name, protocol=card))
+        assert written["unstated"] == [], (name, written["unstated"])
+        assert written["geometry"] == "carlasc crop 16x16x8"
+    assert cards["generation"]["metric_network"].startswith("3D: f3d-synthetic_town-carlasc-16x16x8-v1")
+    assert cards["generation"]["ground_truth_in_sampling"] == "never"
+    assert "layout" in cards["diffusion"]["ground_truth_in_sampling"]  # conditions from val frames are declared
+    seams = {"agreement": 0.5, "stats": {}, "real_stats": {}, "protocol": {"preset": "smoke", "frames": 1}}
+    assert triplane.seam_table(seams).attrs["protocol"] == {"preset": "smoke", "frames": 1}

@@ -64,6 +64,16 @@ PROTOCOL_FIELDS = {
 RUN_COLUMNS = ("run_id", "run_ids", "run", "ours: run_id", "ours: run_ids")  # `beside` prefixes "ours: "
 
 
+def attach_protocol(card: dict, *tables: pd.DataFrame):
+    """Give tables the protocol fields `card` states (None values dropped), for write_table; returns them."""
+    unknown = sorted(set(card) - set(PROTOCOL_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown protocol fields {unknown}; expected some of {', '.join(PROTOCOL_FIELDS)}")
+    for table in tables:
+        table.attrs["protocol"] = {k: v for k, v in card.items() if v is not None}
+    return tables if len(tables) > 1 else tables[0]
+
+
 def protocol_card(df: pd.DataFrame, protocol: dict | None = None, runs_root: str | Path | None = None) -> dict:
     """The protocol of a table: df.attrs["protocol"], then `protocol`, then what its runs' configs say.
 

@@ -81,7 +81,24 @@ def train_models(preset: str, dataset: str = "synthetic_town", data_root: str | 
     key = run_key(dit, cfg, read_vae_checkpoint(vae_ckpt)["fingerprint"])
     result = train_dit(vae_ckpt, runs_dir() / key, dit, cfg, progress=progress)
     return {"vae_ckpt": vae_ckpt, "dit_ckpt": result.checkpoint, "vae_run": vae.id, "dit_run": key,
-            "dit_metrics": result.metrics, "data": data}
+            "dit_metrics": result.metrics, "data": data, "seed": seed}
+
+
+def protocol(preset: str, models: dict, conditions: str, ground_truth_in_sampling: str = "never",
+             **fields) -> dict:
+    """The protocol card of a notebook-08 table: the preset's windows, the one DiT, what it was given."""
+    size, data = app_size(preset), models["data"]
+    crop = f" crop {'x'.join(map(str, data.crop))}" if data.crop else ""
+    card = {"dataset": data.dataset, "split": "val windows (conditions, the measure's check); train windows fit "
+            "the command rule", "geometry": f"{data.geometry}{crop}", "classes_miou": "not scored",
+            "classes_iou": "not scored", "mask": "none: every voxel of the crop", "frames": data.frames,
+            "horizon": data.frames, "preset": preset, "seeds": f"DiT and sample seed {models.get('seed', 0)}",
+            "samples": f"{size.per_command} per command, {size.windows} val windows; DDIM {size.steps} steps",
+            "metric_network": "none: measures are computed in closed form (occlab.metrics.ego_motion, label "
+                              "agreement), no learned network",
+            "conditions": conditions, "ground_truth_in_sampling": ground_truth_in_sampling,
+            "runs": [models["vae_run"], models["dit_run"]]}
+    return {**card, **fields}
 
 
 def real_windows(data, split: str, n: int, stride: int | None = None) -> list:

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from occlab.errors import OcclabError
+from occlab.report.tables import attach_protocol
 
 ROLLOUTS = ("unfold", "vconcat", "pro")
 PAPER_ROLLOUT = {"unfold": "direct_unfold", "vconcat": "vertical_concatenation", "pro": "padded_rollout"}
@@ -171,6 +172,40 @@ def score(real: np.ndarray, fake: np.ndarray, data, spaces=("3d",), weights=None
     return out
 
 
+def metric_networks(spaces, weights=None, is_weights=None) -> str:
+    """The versions of the networks behind a table's generation metrics, per space ("3D: f3d...@sha; 2D: ...")."""
+    from occlab.metrics.features2d import inception_path
+    from occlab.metrics.generation import network_version
+
+    parts = []
+    if "3d" in spaces and weights is not None:
+        parts.append(f"3D: {network_version(weights)}")
+    if "2d" in spaces:
+        parts.append(f"2D FID/KID/P/R: InceptionV3 {network_version(inception_path())}")
+        parts.append(f"2D IS: {network_version(is_weights)}" if is_weights is not None else "2D IS: none")
+    return "; ".join(parts) or None
+
+
+def generation_protocol(preset: str, data, spaces=("3d",), weights=None, is_weights=None, seed: int = 0,
+                        conditions: str = "none (unconditional)", samples: str | None = None,
+                        seeds: str | None = None, split: str | None = None,
+                        ground_truth_in_sampling: str = "never") -> dict:
+    """The protocol card of a generation table: what was sampled, against which real data, scored how.
+    The defaults describe notebooks 02/05 (unconditional DiTs, GenSize); X-Scene's studies override them."""
+    size = gen_size(preset)
+    crop = f" crop {'x'.join(map(str, data.crop))}" if data.crop else ""
+    return {"dataset": data.dataset, "geometry": f"{data.geometry}{crop}",
+            "split": split or "generated samples vs real val windows (reference row: real train windows vs the "
+                              "same val windows)",
+            "classes_miou": "not scored (generation metrics)", "classes_iou": "not scored (generation metrics)",
+            "mask": "none: every voxel of the crop", "frames": data.frames, "horizon": data.frames,
+            "preset": preset, "seeds": seeds or f"generator seed {seed}; sample seeds {list(size.sample_seeds)}",
+            "samples": samples or (f"{size.samples} per generator and sample seed vs {size.real} real windows; "
+                                   f"every {size.frame_stride}. frame scored; DDIM {size.sampler_steps} steps"),
+            "metric_network": metric_networks(spaces, weights, is_weights), "conditions": conditions,
+            "ground_truth_in_sampling": ground_truth_in_sampling}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The studies
 # ---------------------------------------------------------------------------------------------------------
@@ -242,7 +277,7 @@ def rollout_ablation(preset: str, dataset: str = "synthetic_town", data_root: st
     rows.append(reference_row(real, data, preset, ("3d",), weights, device))
     rows = pd.DataFrame(rows).assign(vae_run=vae.id)
     table = _beside(summarize(rows), _paper("dynamiccity_t5_rollout", "method", PAPER_ROLLOUT, ("3d",)))
-    return rows, table
+    return attach_protocol(generation_protocol(preset, data, ("3d",), weights, seed=seed), rows, table)
 
 
 def methods(preset: str, dataset: str = "synthetic_town", data_root: str | None = None, device: str = "cpu",
@@ -272,7 +307,9 @@ def methods(preset: str, dataset: str = "synthetic_town", data_root: str | None 
     rows = rows.assign(vae_run=np.where(rows.variant == "occsora", occsora.id, vae.id))
     table = summarize(rows, spaces)
     labels = {"occsora": "OccSora", "dynamiccity": "DynamicCity"}
-    return rows, _beside(table, _paper("dynamiccity_t2_generation", "method", labels, spaces))
+    table = _beside(table, _paper("dynamiccity_t2_generation", "method", labels, spaces))
+    card = generation_protocol(preset, data, spaces, weights, f2d, seed)
+    return attach_protocol(card, rows, table)
 
 
 def claims(table: pd.DataFrame, notebook: str, preset: str) -> list[dict]:
@@ -309,6 +346,6 @@ def frames_figure(samples: dict[str, np.ndarray], out, frame: int = 0, per_row: 
     return image
 
 
-__all__ = ["GenSize", "METRICS", "ROLLOUTS", "SIZES", "claims", "dit_checkpoint", "feature_weights", "frames_figure", "gen_size", "is_weights_2d",
-           "methods", "real_labels", "reference_row", "rollout_ablation", "sample_labels", "score", "summarize",
-           "train_generator", "train_vae"]
+__all__ = ["GenSize", "METRICS", "ROLLOUTS", "SIZES", "claims", "dit_checkpoint", "feature_weights", "frames_figure",
+           "gen_size", "generation_protocol", "is_weights_2d", "methods", "metric_networks", "real_labels",
+           "reference_row", "rollout_ablation", "sample_labels", "score", "summarize", "train_generator", "train_vae"]

@@ -20,6 +20,8 @@ import pandas as pd
 import torch
 
 from occlab.errors import OcclabError
+from occlab.report.tables import attach_protocol
+from occlab.studies.vae import recon_protocol
 from occlab.train.config import DataConfig, TrainConfig
 
 RESOLUTIONS = {"high": 2, "low": 4}  # x, y downsampling of the triplane (paper: 100x100x16 and 50x50x16)
@@ -117,7 +119,7 @@ def vae_runs(preset: str, variants=None, seeds=None, progress: bool = False, **k
                          "seed": seed, "miou": m["val"]["miou"], "iou": m["val"]["iou"],
                          "cr": config.compression_ratio(), "s_per_iter": m["s_per_iter"], "params": m["params"],
                          "run_id": run.id})
-    return pd.DataFrame(rows)
+    return recon_protocol(preset, pd.DataFrame(rows))
 
 
 def _spread(s: pd.Series) -> float:
@@ -206,6 +208,24 @@ def score_samples(real: torch.Tensor, fake: torch.Tensor, data: DataConfig, pres
     return {f"{k}_3d": m.get(k) for k in ("fid", "f_score", "precision", "recall", "kid", "is")}
 
 
+def diffusion_protocol(preset: str, data: DataConfig, frames: int, conditions: str, device: str = "cpu") -> dict:
+    """The protocol card of the triplane diffusion tables: samples per val frame under its own conditions."""
+    from occlab.studies.generation import feature_weights, generation_protocol
+
+    size = triplane_size(preset)
+    weights = feature_weights(data, preset, device, False)
+    return generation_protocol(
+        preset, data, ("3d",), weights, split="one generated scene per val frame vs those val frames",
+        seeds=f"diffusion seed 0 on VAE seed 0; sample seeds {list(size.sample_seeds)}",
+        samples=f"{frames} per sample seed (one per val frame); DDIM {size.sampler_steps} steps",
+        conditions=conditions, ground_truth_in_sampling="the val frames' BEV layout and boxes, as conditions (the "
+        "paper's protocol); never their labels or latents")
+
+
+DIFFUSION_CONDITIONS = ("full: BEV layout + 3D boxes of each val frame; without_layout: boxes only; "
+                        "without_boxes: layout only")
+
+
 def diffusion_runs(preset: str, variants=None, device: str = "cpu", progress: bool = False) -> pd.DataFrame:
     """Each diffusion variant x sample seed: 3D FID / F-score of its samples vs the real validation frames."""
     size = triplane_size(preset)
@@ -222,7 +242,8 @@ def diffusion_runs(preset: str, variants=None, device: str = "cpu", progress: bo
             rows.append({"variant": variant, "seed": s, **score_samples(frames["labels"], fake, data, preset, device),
                          "dit_steps": gen["metrics"]["steps"], "final_loss": gen["metrics"]["final_loss"],
                          "s_per_iter": gen["metrics"]["s_per_iter"], "run_id": gen["run_id"]})
-    return pd.DataFrame(rows)
+    card = diffusion_protocol(preset, data, len(frames["labels"]), DIFFUSION_CONDITIONS, device)
+    return attach_protocol(card, pd.DataFrame(rows))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,7 +267,11 @@ def ablation_table(vae: pd.DataFrame, diff: pd.DataFrame) -> pd.DataFrame:
         "fid_3d": "paper: 3D FID", "f_3d": "paper: 3D F-score"})
     ours = ours.rename(columns={c: f"ours: {c}" for c in ours.columns if c not in ("variant", "key")})
     table = ours.merge(paper, on="key", how="left").drop(columns=["key"])
-    return table
+    card = {**diff.attrs.get("protocol", {}), "split": "VAE rows: val frames reconstructed; diffusion rows: "
+            + diff.attrs.get("protocol", {}).get("split", "not run"),
+            "classes_miou": vae.attrs.get("protocol", {}).get("classes_miou"),
+            "classes_iou": vae.attrs.get("protocol", {}).get("classes_iou")}
+    return attach_protocol(card, table)
 
 
 def gain_values(vae: pd.DataFrame) -> dict:
@@ -356,14 +381,27 @@ def outpaint_seams(gen: dict, preset: str, seed: int = 0, resample: int = 0, ban
     agree = res.agreement
     return {"result": res, "real": region["labels"], "agreement": float(np.mean(list(agree.values()))),
             "agreement_per_chunk": agree, "stats": seam_statistics(res.labels, res.offsets, grid, band),
-            "real_stats": seam_statistics(region["labels"], res.offsets, grid, band)}
+            "real_stats": seam_statistics(region["labels"], res.offsets, grid, band),
+            "protocol": {"dataset": data.dataset, "split": "val (the real region whose layout conditions the map)",
+                         "geometry": f"{data.geometry}, chunks {'x'.join(map(str, grid))}, map "
+                                     f"{'x'.join(map(str, shape))}",
+                         "classes_miou": "not scored", "classes_iou": "not scored", "mask": "none", "frames": 1,
+                         "horizon": "none (one static map)", "metric_network": "none: label agreement and class "
+                                                                              "histograms in closed form",
+                         "preset": preset, "seeds": f"sample seed {seed}",
+                         "samples": f"one {size.outpaint[0]}x{size.outpaint[1]}-chunk map, DDIM {size.sampler_steps} "
+                                    f"steps, RePaint resampling {resample}",
+                         "conditions": "the BEV layout of a real val region" if model.config.layout_cond else "none",
+                         "ground_truth_in_sampling": "the real region's BEV layout, as the condition; never its "
+                                                     "labels" if model.config.layout_cond else "never",
+                         "runs": [gen["run_id"]]}}
 
 
 def seam_table(seams: dict) -> pd.DataFrame:
     """One row for the outpainted map, one for the real region under the same chunk grid."""
     rows = [{"map": "outpainted", "overlap_label_agreement": seams["agreement"], **seams["stats"]},
             {"map": "real region (same chunk grid)", "overlap_label_agreement": float("nan"), **seams["real_stats"]}]
-    return pd.DataFrame(rows)
+    return attach_protocol(seams.get("protocol", {}), pd.DataFrame(rows))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,7 +423,7 @@ def triplane_reconstruction_rows(preset: str, seeds=None, **kw) -> pd.DataFrame:
                                   "iou": "paper: IoU (%)"})[["resolution", "paper: latent", "paper: mIoU (%)",
                                                              "paper: IoU (%)"]]
     t = t.rename(columns={c: f"ours: {c}" for c in t.columns if c not in ("method", "resolution")})
-    return t.merge(paper, on="resolution", how="left")
+    return recon_protocol(preset, t.merge(paper, on="resolution", how="left"))
 
 
 def triplane_generation_rows(preset: str, device: str = "cpu", progress: bool = False) -> pd.DataFrame:
@@ -411,7 +449,9 @@ def triplane_generation_rows(preset: str, device: str = "cpu", progress: bool = 
     paper = paper[(paper["method"] == "X-Scene") & (paper["classes"] == 11)][["note", "fid_3d", "f_3d"]]
     paper = paper.rename(columns={"fid_3d": "paper: 3D FID", "f_3d": "paper: 3D F-score"})
     t = t.rename(columns={c: f"ours: {c}" for c in t.columns if c not in ("method", "note")})
-    return t.merge(paper, on="note", how="left")
+    card = diffusion_protocol(preset, data, len(frames["labels"]), "layout-conditioned rows: BEV layout + 3D boxes "
+                              "of each val frame; unconditioned rows: every condition dropped", device)
+    return attach_protocol(card, t.merge(paper, on="note", how="left"))
 
 
 __all__ = ["DECODERS", "DIFFUSION_VARIANTS", "RESOLUTIONS", "SIZES", "ablation_table", "claims", "diffusion_runs",

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from occlab.errors import OcclabError
+from occlab.report.tables import attach_protocol
 from occlab.train.config import DataConfig, TrainConfig
 
 PRESETS = ("smoke", "study", "paper")
@@ -113,9 +114,7 @@ def recon_protocol(preset: str, *tables: pd.DataFrame):
     card = {"split": "val", "classes_miou": "non-free classes present in the ground truth",
             "classes_iou": "occupied (any non-free class) vs free", "mask": "the dataset's visibility mask "
             "(all voxels on the synthetic town)", "horizon": None, "preset": preset, "conditions": "none"}
-    for table in tables:
-        table.attrs["protocol"] = {k: v for k, v in card.items() if v is not None}
-    return tables if len(tables) > 1 else tables[0]
+    return attach_protocol(card, *tables)
 
 
 def _per_class(val: dict) -> dict:
