@@ -11,30 +11,41 @@ from occlab.metrics.generation import compare_results, default_weights, network_
 
 COMMITTED = {name: networks.version_name("f3d", "synthetic_town", "carlasc", grid)
              for name, grid in networks.PRESET_GRIDS.items()}
+COMMITTED_2D = {name: networks.version_name("f2d", "synthetic_town", "carlasc", grid)
+                for name, grid in networks.PRESET_GRIDS.items()}
+RECIPES = {"f3d": (networks.RECIPE, networks.RECIPE["features"]),
+           "f2d": (networks.RECIPE_F2D, networks.RECIPE_F2D["widths"][-1])}  # (recipe, feature dimension)
+BOTH = [(kind, preset) for kind in RECIPES for preset in sorted(networks.PRESET_GRIDS)]
 
 
-@pytest.mark.parametrize("preset", sorted(COMMITTED))
-def test_committed_networks_match_their_checksums(preset):
-    net = networks.find(COMMITTED[preset])
+def _name(kind: str, preset: str) -> str:
+    return (COMMITTED if kind == "f3d" else COMMITTED_2D)[preset]
+
+
+@pytest.mark.parametrize("kind,preset", BOTH)
+def test_committed_networks_match_their_checksums(kind, preset):
+    net = networks.find(_name(kind, preset))
     assert net.committed
     net.verify()  # sha256 of weights.pt == manifest
     m = net.manifest
-    assert m["recipe"] == networks.RECIPE and m["grid"] == list(networks.PRESET_GRIDS[preset])
+    recipe, d = RECIPES[kind]
+    assert m["kind"] == kind and m["recipe"] == recipe and m["grid"] == list(networks.PRESET_GRIDS[preset])
     ref = net.reference()
-    d = networks.RECIPE["features"]
     assert ref["mean"].shape == (d,) and ref["cov"].shape == (d, d) and ref["count"] == m["reference_split"]["count"]
     assert np.allclose(ref["cov"], ref["cov"].T)
 
 
 def test_committed_networks_are_small():
+    """Four networks (f3d and f2d for the smoke and study grids): a few MB, so everyone scores with the same bytes."""
     total = sum(p.stat().st_size for p in networks.COMMITTED.rglob("*") if p.is_file())
-    assert total < 4 * 2**20
+    assert total < 6 * 2**20
 
 
-@pytest.mark.parametrize("preset", sorted(COMMITTED))
-def test_default_weights_is_the_committed_network(preset):
+@pytest.mark.parametrize("kind,preset", BOTH)
+def test_default_weights_is_the_committed_network(kind, preset):
     grid = networks.PRESET_GRIDS[preset]
-    assert default_weights("3d", "synthetic_town", grid, "carlasc") == networks.find(COMMITTED[preset]).weights
+    space = "3d" if kind == "f3d" else "2d"
+    assert default_weights(space, "synthetic_town", grid, "carlasc") == networks.find(_name(kind, preset)).weights
 
 
 def test_changed_weights_are_refused(tmp_path, monkeypatch):
@@ -92,14 +103,15 @@ def test_metrics_list_shows_committed_networks(capsys):
 
 
 @pytest.mark.slow
-def test_rerunning_the_recipe_lands_near_the_committed_reference(tmp_path):
-    """Retrain the smoke-grid network by its recipe (about 2-3 min on 2 cores) and compare reference statistics.
+@pytest.mark.parametrize("kind", sorted(RECIPES))
+def test_rerunning_the_recipe_lands_near_the_committed_reference(tmp_path, kind):
+    """Retrain the smoke-grid network by its recipe (3-5 min each on 2 cores) and compare reference statistics.
 
     Bitwise equality is not expected across machines (float order in spconv's CPU kernels, BLAS); the rerun's
     feature mean and covariance trace must land within networks.TOLERANCE (relative) of the committed ones.
     """
-    ref = networks.find(COMMITTED["smoke"]).reference()
-    net = networks.build(grid=networks.PRESET_GRIDS["smoke"], kinds=("f3d",), root=tmp_path, progress=False)[0]
+    ref = networks.find(_name(kind, "smoke")).reference()
+    net = networks.build(grid=networks.PRESET_GRIDS["smoke"], kinds=(kind,), root=tmp_path, progress=False)[0]
     d = networks.compare_reference(ref, net.reference())
     assert d["count"][0] == d["count"][1]
     assert d["mean_rel"] < networks.TOLERANCE["mean_rel"] and d["trace_rel"] < networks.TOLERANCE["trace_rel"], d

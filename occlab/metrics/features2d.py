@@ -40,6 +40,7 @@ F2D_NAME = "occlab-f2d"
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 VERSION = 1
+WIDTHS = (32, 64, 128, 256)  # the default 2D network; the committed recipe narrows it
 
 
 def inception_path() -> Path:
@@ -137,7 +138,7 @@ def _inception_class() -> type:
 class F2DNet(nn.Module):
     """Small CNN on uint8 renders (B,3,H,W): 256 pooled features and attribute logits."""
 
-    def __init__(self, num_attributes: int = 12, widths: tuple[int, ...] = (32, 64, 128, 256)):
+    def __init__(self, num_attributes: int = 12, widths: tuple[int, ...] = WIDTHS):
         super().__init__()
         self.config = {"num_attributes": num_attributes, "widths": list(widths)}
         layers, cin = [], 3

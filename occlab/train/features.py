@@ -185,7 +185,8 @@ def train_f2d(dataset: str = "synthetic_town", data_root: str | None = None, geo
               batch_size: int = 8, lr: float = 1e-3, sequences: int = 192, frame_stride: int = 4,
               max_frames: int = 1024, attribute: str | None = None, val_sequences: int = 16,
               views: tuple[str, ...] = VIEWS, image_size: int = 128, device: str = "cpu", seed: int = 0,
-              out: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> Path:
+              out: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
+              widths: tuple[int, ...] = features2d.WIDTHS) -> Path:
     """Train (or reuse) the 2D CNN on the renders of a dataset (its logits give the 2D Inception Score)."""
     name, num_attr = _attribute(dataset, attribute)
     if num_attr == 0:
@@ -204,12 +205,13 @@ def train_f2d(dataset: str = "synthetic_town", data_root: str | None = None, geo
         return img.flatten(0, 1), att.repeat_interleave(len(views))
 
     torch.manual_seed(seed)
-    model = features2d.F2DNet(num_attr).to(device)
+    model = features2d.F2DNet(num_attr, widths).to(device)
     result = _fit(model, *images(data, attrs), images(*val), steps, batch_size, lr, device,
                   path.with_suffix(".csv"), f"f2d {dataset} {geo} {'x'.join(map(str, grid))}", False, progress)
     meta = {"dataset": dataset, "geometry": geo, "grid": list(grid), "crop_mode": crop_mode, "attribute": name,
             "views": list(views), "image_size": image_size, "steps": steps, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "recipe": f"v{features2d.VERSION}", "torch": str(torch.__version__), **result}
+            "seed": seed, "widths": list(widths), "recipe": f"v{features2d.VERSION}", "torch": str(torch.__version__),
+            **result}
     return features2d.save_f2d(model.cpu().eval(), path, meta)
 
 
