@@ -229,10 +229,17 @@ def _model_info(args) -> int:
     return 0
 
 
-def _bench_step(args) -> int:
-    from occlab.bench import BenchSpec, run
+BENCH_MODELS = ("dynamiccity-vae", "dynamiccity-dit", "sep4d", "occsora", "xscene-vae")  # = bench.MODELS (tested)
 
-    spec = BenchSpec(model=args.model, task=args.task, geometry=args.geometry, frames=args.frames, batch=args.batch,
+
+def _bench_step(args) -> int:
+    from occlab.bench import STATIC, BenchSpec, run
+
+    if args.model in STATIC and args.frames not in (None, 1):
+        raise OcclabError(f"--model {args.model} is static (one scene per sample): leave out --frames or give 1 "
+                          f"(got {args.frames}); --batch sets the scenes per step")
+    frames = 16 if args.frames is None else args.frames
+    spec = BenchSpec(model=args.model, task=args.task, geometry=args.geometry, frames=frames, batch=args.batch,
                      device=args.device, threads=args.threads, precision=args.precision, steps=args.steps,
                      warmup=args.warmup, small=args.small, reference=args.reference, checkpoint=args.checkpoint,
                      frame_chunk=args.frame_chunk)
@@ -515,20 +522,25 @@ def build_parser() -> Parser:
     be = sub.add_parser("bench", help="speed and peak memory of one training step (one workload per process)")
     besub = be.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     bs = besub.add_parser("step", help="s/step (median after warm-up) and peak memory as JSON")
-    bs.add_argument("--model", choices=["dynamiccity-vae", "dynamiccity-dit"], default="dynamiccity-vae")
-    bs.add_argument("--task", choices=["train", "encode-decode"], default="train")
+    bs.add_argument("--model", choices=BENCH_MODELS, default="dynamiccity-vae",
+                    help="a paper-size model: the DynamicCity VAE or DiT-DC/2, SEP-4D, OccSora's 4D VQ-VAE, or "
+                         "X-Scene's triplane VAE (static: one scene per sample, no --frames)")
+    bs.add_argument("--task", choices=["train", "encode-decode"], default="train",
+                    help="encode-decode: the VAEs only, no grad")
     bs.add_argument("--geometry", choices=["carlasc", "occ3d"], default="carlasc")
-    bs.add_argument("--frames", type=int, default=16)
+    bs.add_argument("--frames", type=int, default=None, help="T (default 16; X-Scene's VAE: 1)")
     bs.add_argument("--batch", type=int, default=1)
     bs.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     bs.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bs.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     bs.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     bs.add_argument("--warmup", type=int, default=1)
-    bs.add_argument("--small", action="store_true", help="64x64x8, T = 8 instead of the geometry's grid")
-    bs.add_argument("--reference", action="store_true", help="the plain reference path (VAE)")
-    bs.add_argument("--checkpoint", action="store_true", help="activation checkpointing (VAE)")
-    bs.add_argument("--frame-chunk", type=int, default=0, help="frames per chunk of the per-frame 3D stages")
+    bs.add_argument("--small", action="store_true",
+                    help="64x64x8, T = 8 instead of the geometry's grid (X-Scene: one 64x64x8 scene)")
+    bs.add_argument("--reference", action="store_true", help="the plain reference path (DynamicCity VAE)")
+    bs.add_argument("--checkpoint", action="store_true", help="activation checkpointing (DynamicCity VAE)")
+    bs.add_argument("--frame-chunk", type=int, default=0,
+                    help="frames per chunk of the per-frame 3D stages (DynamicCity VAE)")
     bs.add_argument("--json", action="store_true", help="one line")
     bs.set_defaults(func=_bench_step)
 
