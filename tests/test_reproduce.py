@@ -185,3 +185,5 @@ def test_quickstart_smoke_through_papermill(quickstart_report) -> None:
     suffixes = {Path(f).suffix for f in record.files}
     assert {".png", ".gif", ".csv"} <= suffixes
     assert_links_resolve(quickstart_report.out_dir / "index.html")
+    card = json.loads((quickstart_report.out_dir / "00_quickstart" / "class_stats.protocol.json").read_text())
+    assert card["unstated"] == [] and card["dataset"] == "synthetic_town" and card["preset"] == "smoke"

@@ -88,6 +88,7 @@ def protocol_card(df: pd.DataFrame, protocol: dict | None = None, runs_root: str
     card = {k: None for k in PROTOCOL_FIELDS}
     card["ground_truth_in_sampling"] = "never"
     runs = _run_ids(df)
+    runs += [r for r in (given.get("runs") if isinstance(given.get("runs"), list) else []) if r not in runs]
     card.update(_from_runs(runs, runs_root))
     if "network_version" in df.columns:  # generation metrics: one frozen network per table, or no table
         versions = sorted(set(df["network_version"].dropna().astype(str)))

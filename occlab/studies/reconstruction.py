@@ -9,7 +9,14 @@ from __future__ import annotations
 import pandas as pd
 
 from occlab.classes import CLASS_NAMES
-from occlab.studies.vae import preset_size, recon_protocol, run_grid, summarize, vae_setup
+from occlab.report.tables import attach_protocol
+from occlab.studies.vae import (
+    preset_size,
+    recon_protocol,
+    run_grid,
+    summarize,
+    vae_setup,
+)
 
 METHODS = ("occsora", "dynamiccity", "sep4d")
 METHOD_NAMES = {"occsora": "OccSora", "dynamiccity": "DynamicCity", "sep4d": "SEP-4D"}
@@ -61,7 +68,9 @@ def per_class(runs: pd.DataFrame) -> pd.DataFrame:
     paper[["miou", *classes]] = paper[["miou", *classes]] / 100  # the paper prints percentages
     paper.insert(0, "source", "paper (CarlaSC)")
     paper = paper[paper.frames.isin(ours.frames)]
-    return pd.concat([ours, paper[["source", "method", "frames", "miou", *classes]]], ignore_index=True)
+    table = pd.concat([ours, paper[["source", "method", "frames", "miou", *classes]]], ignore_index=True)
+    ids = list(dict.fromkeys(runs["run_id"])) if "run_id" in runs else None
+    return attach_protocol({**runs.attrs.get("protocol", {}), "runs": ids}, table)
 
 
 def equal_ratio_channels(preset: str) -> int:
@@ -133,7 +142,11 @@ def baselines(preset: str, frames: tuple[int, ...], dataset: str = "synthetic_to
     for t in frames:
         config, data, _ = vae_setup("dynamiccity", preset, dataset, data_root, frames=t)
         rows.append({"frames": t, **mean_scene_baseline(data, config.num_classes)})
-    return recon_protocol(preset, pd.DataFrame(rows))
+    table = recon_protocol(preset, pd.DataFrame(rows))
+    crop = f" crop {'x'.join(map(str, data.crop))}" if data.crop else ""
+    return attach_protocol({**table.attrs["protocol"], "dataset": data.dataset, "geometry": f"{data.geometry}{crop}",
+                            "frames": list(frames), "seeds": "none: deterministic (the most frequent train class "
+                            "per voxel)", "runs": "none: fitted on the train split, no model"}, table)
 
 
 __all__ = ["FRAMES", "FUSIONS", "METHODS", "baselines", "equal_ratio_channels", "frames_of", "fusion_ablation",

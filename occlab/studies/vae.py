@@ -113,7 +113,9 @@ def recon_protocol(preset: str, *tables: pd.DataFrame):
     """Give reconstruction tables the protocol their runs' configs do not state (DESIGN §4); returns them."""
     card = {"split": "val", "classes_miou": "non-free classes present in the ground truth",
             "classes_iou": "occupied (any non-free class) vs free", "mask": "the dataset's visibility mask "
-            "(all voxels on the synthetic town)", "horizon": None, "preset": preset, "conditions": "none"}
+            "(all voxels on the synthetic town)", "horizon": "none: reconstruction of the input window",
+            "preset": preset, "samples": "not applicable: every val window reconstructed",
+            "metric_network": "none: IoU / mIoU from one confusion matrix over the split", "conditions": "none"}
     return attach_protocol(card, *tables)
 
 
@@ -135,7 +137,8 @@ def summarize(df: pd.DataFrame, keys: list[str], metrics=("miou", "iou", "s_per_
 def mean_scene_baseline(data: DataConfig, num_classes: int = 11) -> dict:
     """The trivial baseline (DESIGN §4): the most frequent training class per position, scored on val."""
     from occlab.data import make_dataset
-    from occlab.metrics.recon import ConfusionMatrix, mean_scene_baseline as fit
+    from occlab.metrics.recon import ConfusionMatrix
+    from occlab.metrics.recon import mean_scene_baseline as fit
 
     train_set = make_dataset(data.dataset, data.data_root, "train", **data.source_options("train"))
     val_set = make_dataset(data.dataset, data.data_root, "val", **data.source_options("val"))
@@ -249,7 +252,6 @@ def seed_spread(preset: str, dataset: str = "synthetic_town", data_root: str | N
 def reconstruction_figure(run_id: str, out, frame: int = 0, index: int | None = None) -> np.ndarray:
     """Ground truth beside the reconstruction of one validation window (PyVista), visible voxels only."""
     from occlab.render.scene import render_side_by_side
-
     from occlab.train.runs import find_run
 
     gt, pred, mask = reconstruct(run_id, index)
