@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from occlab.bench import peak_rss_gib
+from occlab.bench import peak_rss_gib, town_labels
 from occlab.errors import OcclabError
 
 EXPECTED_COMMIT = "eaf0c6e"
@@ -265,15 +265,6 @@ def occlab_step(small: bool, threads: int, steps: int):
     return _step_fn(spec, torch.device("cpu"))
 
 
-def bench_labels(grid, frames: int, num_classes: int) -> torch.Tensor:
-    """The synthetic town sequence (seed 1, CarlaSC) as occlab's bench feeds it: (1, T, X, Y, Z) int64."""
-    from occlab.data.town import generate_sequence
-
-    seq = torch.from_numpy(generate_sequence(1, "carlasc", frames).labels).long()
-    labels = seq[None, :, :grid[0], :grid[1], :grid[2]]
-    return labels.masked_fill(labels >= num_classes, 0).contiguous()
-
-
 def released_model(root: Path, grid, frames: int, rates, num_classes: int | None = None):
     """Their DynamicCityAE at this configuration (seed 0), attention dropout 0, and its conf."""
     DynamicCityAE, _, _, _, Attention, _ = import_released(root)
@@ -337,7 +328,7 @@ def build_sides(root: Path, small: bool, threads: int, steps: int, sides=SIDES) 
     built = {"occlab": (ours_model, ours_step)} if "occlab" in sides else {}
     del ours_model, ours_step  # a released-only process keeps none of ours (a few MB before its peak)
     if "released" in sides:
-        labels = bench_labels(cfg.grid, cfg.frames, cfg.num_classes)
+        labels = town_labels("carlasc", cfg.grid, cfg.frames, cfg.num_classes)  # what occlab's side gets
         built["released"] = released_step(root, cfg.grid, cfg.frames, cfg.rates, labels)
     return built, config
 

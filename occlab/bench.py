@@ -106,10 +106,20 @@ def bench_sizes(spec: BenchSpec) -> tuple[tuple[int, int, int], int]:
     return tuple(grid), frames
 
 
+def town_labels(geometry: str, grid, frames: int, num_classes: int, batch: int = 1,
+                seed: int = 1) -> torch.Tensor:
+    """The input of every bench workload: a synthetic-town sequence cropped to `grid`, (batch, T, X, Y, Z) int64,
+    labels the model does not have set to free."""
+    from occlab.data.town import generate_sequence
+
+    seq = generate_sequence(seed, geometry, frames).labels  # (T, X', Y', Z') of the geometry
+    labels = torch.from_numpy(seq).long()[None, :, :grid[0], :grid[1], :grid[2]]  # (1, T, X, Y, Z)
+    return labels.masked_fill(labels >= num_classes, 0).expand(batch, -1, -1, -1, -1).contiguous()
+
+
 def _vae(spec: BenchSpec, device: torch.device):
     """A VAE at the spec's size preset (paper by default), its input windows, its loss and training settings."""
     from occlab.classes import NUM_CLASSES_CARLASC, NUM_CLASSES_OCC3D
-    from occlab.data.town import generate_sequence
     from occlab.models import MODELS as REGISTRY
     from occlab.models.dynamiccity import Compute
     from occlab.train.config import TrainConfig
@@ -132,9 +142,7 @@ def _vae(spec: BenchSpec, device: torch.device):
     model = REGISTRY[name].model(cfg).to(device)
     if name == "dynamiccity":
         model.compute = Compute(fast=not spec.reference, checkpoint=spec.checkpoint, frame_chunk=spec.frame_chunk)
-    seq = generate_sequence(1, spec.geometry, frames).labels  # (T, X', Y', Z') of the geometry
-    labels = torch.from_numpy(seq).long()[None, :, :grid[0], :grid[1], :grid[2]]  # (1, T, X, Y, Z)
-    labels = labels.masked_fill(labels >= num_classes, 0).expand(spec.batch, -1, -1, -1, -1).contiguous().to(device)
+    labels = town_labels(spec.geometry, grid, frames, num_classes, batch=spec.batch).to(device)
     train = TrainConfig(**TRAIN_KW.get(name, {}))
     weights = torch.ones(num_classes) if train.class_weighted else None
     loss_fn = OccupancyLoss(weights, train.ce_weight, train.lovasz_weight, train.kl_weight,
@@ -263,7 +271,6 @@ def loss_curve(precision: str = "fp32", steps: int = 200, grid=(32, 32, 8), fram
                lr: float = 1e-3, seed: int = 0, threads: int | None = None) -> list[float]:
     """Training losses of a fixed run (same seed, sequence and noise) of a DynamicCity VAE on CPU at `precision`:
     the check that bf16 autocast keeps the fp32 loss curve (issue #10: within 2%)."""
-    from occlab.data.town import generate_sequence
     from occlab.models.dynamiccity import PRESETS, DynamicCity
     from occlab.train.losses import OccupancyLoss
     from occlab.train.trainer import autocast
@@ -273,8 +280,7 @@ def loss_curve(precision: str = "fp32", steps: int = 200, grid=(32, 32, 8), fram
     torch.manual_seed(seed)
     cfg = PRESETS[preset](tuple(grid), frames, attn_dropout=0.0)
     model = DynamicCity(cfg)
-    seq = torch.from_numpy(generate_sequence(seed, "carlasc", frames).labels).long()
-    labels = seq[None, :, :grid[0], :grid[1], :grid[2]].contiguous()  # (1, T, X, Y, Z)
+    labels = town_labels("carlasc", grid, frames, cfg.num_classes, seed=seed)  # (1, T, X, Y, Z)
     loss_fn = OccupancyLoss(torch.ones(cfg.num_classes))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
@@ -320,4 +326,5 @@ __all__ = [
     "loss_curve",
     "peak_rss_gib",
     "run",
+    "town_labels",
 ]

@@ -79,12 +79,13 @@ def test_released_vae_built_at_our_configuration_and_trains(released):
 import json, sys, torch
 sys.path.insert(0, {str(SCRIPT.parent)!r})
 import vs_released as m
+from occlab.bench import town_labels
 from occlab.models.dynamiccity import RELEASED_PARAMS_CARLASC, DynamicCity, dynamiccity_paper
 torch.set_num_threads(1)
 root = m.check_released({str(released)!r})
 full, _ = m.released_model(root, (128, 128, 8), 16, (2, 2, 2, 2))
 full11, _ = m.released_model(root, (128, 128, 8), 16, (2, 2, 2, 2), 11)
-model, step = m.released_step(root, (16, 16, 8), 4, (2, 2, 2, 2), m.bench_labels((16, 16, 8), 4, 11))
+model, step = m.released_step(root, (16, 16, 8), 4, (2, 2, 2, 2), town_labels("carlasc", (16, 16, 8), 4, 11))
 before = [p.detach().clone() for p in model.parameters()]
 losses = [step() for _ in range(3)]
 changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
