@@ -64,6 +64,11 @@ PROTOCOL_FIELDS = {
 RUN_COLUMNS = ("run_id", "run_ids", "run", "ours: run_id", "ours: run_ids")  # `beside` prefixes "ours: "
 
 
+def geometry_label(geometry: str, crop=None) -> str:
+    """A card's geometry: "carlasc", or "carlasc crop 32x32x8" for a window crop."""
+    return geometry + (f" crop {'x'.join(map(str, crop))}" if crop else "")
+
+
 def attach_protocol(card: dict, *tables: pd.DataFrame):
     """Give tables the protocol fields `card` states (None values dropped), for write_table; returns them."""
     unknown = sorted(set(card) - set(PROTOCOL_FIELDS))
@@ -128,8 +133,7 @@ def _from_runs(ids: list[str], root: str | Path | None) -> dict:
         if "dataset" in data:
             seen["dataset"].add(data["dataset"])
         if "geometry" in data:
-            crop = data.get("crop")
-            seen["geometry"].add(data["geometry"] + (f" crop {'x'.join(map(str, crop))}" if crop else ""))
+            seen["geometry"].add(geometry_label(data["geometry"], data.get("crop")))
         if "frames" in data:
             seen["frames"].add(data["frames"])
         if "seed" in train:

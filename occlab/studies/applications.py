@@ -86,19 +86,18 @@ def train_models(preset: str, dataset: str = "synthetic_town", data_root: str | 
 
 def protocol(preset: str, models: dict, conditions: str, ground_truth_in_sampling: str = "never",
              **fields) -> dict:
-    """The protocol card of a notebook-08 table: the preset's windows, the one DiT, what it was given."""
-    size, data = app_size(preset), models["data"]
-    crop = f" crop {'x'.join(map(str, data.crop))}" if data.crop else ""
-    card = {"dataset": data.dataset, "split": "val windows (conditions, the measure's check); train windows fit "
-            "the command rule", "geometry": f"{data.geometry}{crop}", "classes_miou": "not scored",
-            "classes_iou": "not scored", "mask": "none: every voxel of the crop", "frames": data.frames,
-            "horizon": data.frames, "preset": preset, "seeds": f"DiT and sample seed {models.get('seed', 0)}",
-            "samples": f"{size.per_command} per command, {size.windows} val windows; DDIM {size.steps} steps",
-            "metric_network": "none: measures are computed in closed form (occlab.metrics.ego_motion, label "
-                              "agreement), no learned network",
-            "conditions": conditions, "ground_truth_in_sampling": ground_truth_in_sampling,
-            "runs": [models["vae_run"], models["dit_run"]]}
-    return {**card, **fields}
+    """The protocol card of a notebook-08 table: the generation card of the preset's windows, with this notebook's
+    split, samples, closed-form measures and its two runs."""
+    from occlab.studies.generation import generation_protocol
+
+    size = app_size(preset)
+    card = generation_protocol(
+        preset, models["data"], (), conditions=conditions, ground_truth_in_sampling=ground_truth_in_sampling,
+        split="val windows (conditions, the measure's check); train windows fit the command rule",
+        seeds=f"DiT and sample seed {models.get('seed', 0)}",
+        samples=f"{size.per_command} per command, {size.windows} val windows; DDIM {size.steps} steps")
+    return {**card, "metric_network": "none: measures are computed in closed form (occlab.metrics.ego_motion, "
+            "label agreement), no learned network", "runs": [models["vae_run"], models["dit_run"]], **fields}
 
 
 def real_windows(data, split: str, n: int, stride: int | None = None) -> list:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from occlab.errors import OcclabError
-from occlab.report.tables import attach_protocol
+from occlab.report.tables import attach_protocol, geometry_label
 
 ROLLOUTS = ("unfold", "vconcat", "pro")
 PAPER_ROLLOUT = {"unfold": "direct_unfold", "vconcat": "vertical_concatenation", "pro": "padded_rollout"}
@@ -193,8 +193,7 @@ def generation_protocol(preset: str, data, spaces=("3d",), weights=None, is_weig
     """The protocol card of a generation table: what was sampled, against which real data, scored how.
     The defaults describe notebooks 02/05 (unconditional DiTs, GenSize); X-Scene's studies override them."""
     size = gen_size(preset)
-    crop = f" crop {'x'.join(map(str, data.crop))}" if data.crop else ""
-    return {"dataset": data.dataset, "geometry": f"{data.geometry}{crop}",
+    return {"dataset": data.dataset, "geometry": geometry_label(data.geometry, data.crop),
             "split": split or "generated samples vs real val windows (reference row: real train windows vs the "
                               "same val windows)",
             "classes_miou": "not scored (generation metrics)", "classes_iou": "not scored (generation metrics)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from occlab.classes import CLASS_NAMES
-from occlab.report.tables import attach_protocol
+from occlab.report.tables import attach_protocol, geometry_label
 from occlab.studies.vae import (
     preset_size,
     recon_protocol,
@@ -143,8 +143,8 @@ def baselines(preset: str, frames: tuple[int, ...], dataset: str = "synthetic_to
         config, data, _ = vae_setup("dynamiccity", preset, dataset, data_root, frames=t)
         rows.append({"frames": t, **mean_scene_baseline(data, config.num_classes)})
     table = recon_protocol(preset, pd.DataFrame(rows))
-    crop = f" crop {'x'.join(map(str, data.crop))}" if data.crop else ""
-    return attach_protocol({**table.attrs["protocol"], "dataset": data.dataset, "geometry": f"{data.geometry}{crop}",
+    return attach_protocol({**table.attrs["protocol"], "dataset": data.dataset,
+                            "geometry": geometry_label(data.geometry, data.crop),
                             "frames": list(frames), "seeds": "none: deterministic (the most frequent train class "
                             "per voxel)", "runs": "none: fitted on the train split, no model"}, table)
 

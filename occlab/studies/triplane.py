@@ -267,10 +267,10 @@ def ablation_table(vae: pd.DataFrame, diff: pd.DataFrame) -> pd.DataFrame:
         "fid_3d": "paper: 3D FID", "f_3d": "paper: 3D F-score"})
     ours = ours.rename(columns={c: f"ours: {c}" for c in ours.columns if c not in ("variant", "key")})
     table = ours.merge(paper, on="key", how="left").drop(columns=["key"])
-    card = {**diff.attrs.get("protocol", {}), "split": "VAE rows: val frames reconstructed; diffusion rows: "
-            + diff.attrs.get("protocol", {}).get("split", "not run"),
-            "classes_miou": vae.attrs.get("protocol", {}).get("classes_miou"),
-            "classes_iou": vae.attrs.get("protocol", {}).get("classes_iou")}
+    gen_card, recon_card = diff.attrs.get("protocol", {}), vae.attrs.get("protocol", {})
+    card = {**gen_card, "split": "VAE rows: val frames reconstructed; diffusion rows: "
+            + gen_card.get("split", "not run"),
+            "classes_miou": recon_card.get("classes_miou"), "classes_iou": recon_card.get("classes_iou")}
     return attach_protocol(card, table)
 
 
