@@ -83,17 +83,22 @@ def patch_spconv() -> None:
 
 
 @contextmanager
-def single_thread(device: torch.device | str = "cpu", enabled: bool = True) -> Iterator[None]:
-    """Run CPU sparse convolutions (forward and backward) on one thread; restores the thread count."""
-    if not enabled or torch.device(device).type != "cpu":
+def num_threads(n: int | None) -> Iterator[None]:
+    """Run the block on n CPU threads and restore the thread count after it (None: leave threads alone)."""
+    if not n:
         yield
         return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(before)
+
+
+def single_thread(device: torch.device | str = "cpu", enabled: bool = True):
+    """Run CPU sparse convolutions (forward and backward) on one thread; restores the thread count."""
+    return num_threads(1 if enabled and torch.device(device).type == "cpu" else None)
 
 
 def sparse_device(device: torch.device | str) -> torch.device:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from occlab.errors import OcclabError
+from occlab.metrics.features3d import num_threads
 
 COMMITTED = Path(__file__).parent / "weights"
 RECIPE_VERSION = 1
@@ -139,18 +138,6 @@ def reference_statistics(weights: str | os.PathLike, dataset: str, data_root: st
                              frame_stride=1)
     f = feats["features"].double().numpy()
     return {"mean": f.mean(0), "cov": np.cov(f, rowvar=False), "count": len(f)}
-
-
-@contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """Run the block on n CPU threads (None: as set); restores the thread count."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def build(dataset: str = "synthetic_town", data_root: str | None = None, geometry: str = "carlasc",
