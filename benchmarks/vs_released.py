@@ -10,7 +10,7 @@ is written (no bytecode either).
 
 Configuration (issue #10 §2): CarlaSC 128x128x8, T = 16 (`--small`: 64x64x8, T = 8), batch 1, rates 2,2,2,2,
 16 latent channels, CE + Lovász + KL, fp32, `--threads` threads (default 2), attention dropout 0 (the transformer
-MLP/projection dropout 0.1 of both stays). Ours is `occlab.bench._step_fn(BenchSpec(...))`, the step of
+MLP/projection dropout 0.1 of both stays). Ours is `occlab.bench.step_fn(BenchSpec(...))`, the step of
 `occlab bench step`; the grid, frames and rates of theirs are read from our model's config. Theirs: their
 `DynamicCityAE` built from their own yaml (PATH/conf/vae/{model/vae,dataset/carlasc,trainer/train}.yaml, the
 defaults list of conf/vae/carlasc.yaml) with spatial_size, sequence_length, down_x/y/z and hex_down_t set from
@@ -53,7 +53,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 import types
 import warnings
 from pathlib import Path
@@ -62,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from occlab.bench import peak_rss_gib, town_labels
+from occlab.bench import peak_rss_gib, timed, town_labels
 from occlab.errors import OcclabError
 
 EXPECTED_COMMIT = "eaf0c6e"
@@ -70,6 +69,7 @@ FETCH = f"fetch github.com/3DTopia/DynamicCity at {EXPECTED_COMMIT} and pass the
 REQUIRED = ("dynamic_city/vae/vae.py", "dynamic_city/trainer/vae_trainer.py", "dynamic_city/utils/loss_utils.py",
             "conf/vae/model/vae.yaml", "conf/vae/dataset/carlasc.yaml", "conf/vae/trainer/train.yaml")
 SIDES = ("released", "occlab")
+CPU = torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,10 +259,10 @@ def import_released(root: Path):
 
 def occlab_step(small: bool, threads: int, steps: int):
     """(model, step) of occlab's bench at this configuration."""
-    from occlab.bench import BenchSpec, _step_fn
+    from occlab.bench import BenchSpec, step_fn
 
     spec = BenchSpec(model="dynamiccity-vae", task="train", small=small, threads=threads, steps=steps)
-    return _step_fn(spec, torch.device("cpu"))
+    return step_fn(spec, CPU)
 
 
 def released_model(root: Path, grid, frames: int, rates, num_classes: int | None = None):
@@ -282,7 +282,7 @@ def released_step(root: Path, grid, frames: int, rates, labels: torch.Tensor):
     _, VAETrainer, build_losses, calculate_ce_weight, _, _ = import_released(root)
     model, conf = released_model(root, grid, frames, rates)
     trainer = VAETrainer.__new__(VAETrainer)  # their __init__ opens the dataset and wandb: set what step reads
-    trainer.conf, trainer.device, trainer.model = conf, torch.device("cpu"), model
+    trainer.conf, trainer.device, trainer.model = conf, CPU, model
     trainer.num_classes, trainer.sequence_length = conf.dataset.num_classes, conf.dataset.sequence_length
     trainer.amp, trainer.current_step = conf.trainer.amp, 0
     trainer.loss_names = list(conf.model.loss_weights.keys())
@@ -303,13 +303,6 @@ def released_step(root: Path, grid, frames: int, rates, labels: torch.Tensor):
 def count(model: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in model.parameters())
-
-
-def timed(step) -> float:
-    """Seconds of one step."""
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
 
 
 def summary(times: list[float]) -> dict:
@@ -357,7 +350,7 @@ def run_side(root: Path, side: str, small: bool, threads: int) -> dict:
     built, _ = build_sides(root, small, threads, 1, sides=(side,))
     _, step = built[side]
     step()
-    return {"side": side, "s_step": round(timed(step), 3), "peak_rss_gib": round(peak_rss_gib(), 3)}
+    return {"side": side, "s_step": round(timed(step, CPU), 3), "peak_rss_gib": round(peak_rss_gib(), 3)}
 
 
 def measure_memory(root: Path, small: bool, threads: int) -> dict:
@@ -403,10 +396,10 @@ def compare(root: Path, small: bool = False, steps: int = 3, threads: int = 2, m
 
     times = {side: [] for side in SIDES}
     for side in SIDES:
-        timed(built[side][1])  # warm-up
+        timed(built[side][1], CPU)  # warm-up
     for i in range(steps):
         for side in (SIDES if i % 2 == 0 else SIDES[::-1]):
-            times[side].append(timed(built[side][1]))
+            times[side].append(timed(built[side][1], CPU))
     load_end = os.getloadavg()
     del built, theirs_model
     result = {"config": config, "params": params, "torch": torch.__version__, "device": "cpu",

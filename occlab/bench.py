@@ -137,8 +137,8 @@ def _vae(spec: BenchSpec, device: torch.device):
     try:
         cfg = REGISTRY[name].presets[spec.widths](grid, frames, **model_kw)
     except OcclabError as e:
-        raise OcclabError(f"{spec.model} at its {spec.widths} size does not fit grid {grid}, T = {frames}: {e}; "
-                          f"choose --frames (and grid) divisible by the model's rates (occlab/models/{name}.py)") from e
+        raise OcclabError(f"{spec.model} cannot be built at its {spec.widths} size, grid {grid}, T = {frames}: {e} "
+                          f"(the options are checked in occlab/models/{name}.py)") from e
     model = REGISTRY[name].model(cfg).to(device)
     if name == "dynamiccity":
         model.compute = Compute(fast=not spec.reference, checkpoint=spec.checkpoint, frame_chunk=spec.frame_chunk)
@@ -161,7 +161,7 @@ def encode_decode(spec: BenchSpec, model, labels: torch.Tensor) -> torch.Tensor:
     return model.decode(model.encode(labels)["latent"])  # (B, K, T, X, Y, Z)
 
 
-def _step_fn(spec: BenchSpec, device: torch.device):
+def step_fn(spec: BenchSpec, device: torch.device):
     """(model, a function running one step); a training step returns its loss (detached, no host sync), an
     encode+decode step its logits."""
     from occlab.train.trainer import _optimizer, autocast
@@ -226,6 +226,35 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def timed(step, device: torch.device) -> float:
+    """Seconds of one call of `step` (the GPU's queue drained before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def cli_args(spec: BenchSpec) -> list[str]:
+    """The `occlab bench step` arguments that rebuild `spec` (options left at their defaults are left out)."""
+    defaults, args = BenchSpec(), []
+    for name, value in vars(spec).items():
+        if value == getattr(defaults, name) or (name == "frames" and spec.model in STATIC):
+            continue  # the command's defaults are BenchSpec's; a static model takes no --frames
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else []
+        elif name == "rates":
+            args += [flag, ",".join(map(str, value))]
+        elif name == "grid":
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
 def run(spec: BenchSpec) -> dict:
     """Warm up, time `steps` steps; the medians and peak memory as a JSON-able dict (RESULT_KEYS and the spec)."""
     device = torch.device(spec.device)
@@ -234,22 +263,12 @@ def run(spec: BenchSpec) -> dict:
     elif not torch.cuda.is_available():
         raise OcclabError(f"--device {spec.device} asked for, but torch sees no CUDA device; use --device cpu")
     torch.manual_seed(0)
-    model, step = _step_fn(spec, device)
-
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
+    model, step = step_fn(spec, device)
     for _ in range(spec.warmup):
-        timed()
+        timed(step, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = [timed() for _ in range(spec.steps)]
+    times = [timed(step, device) for _ in range(spec.steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
     grid, frames = bench_sizes(spec) if spec.model in VAES else (None, None)  # the DiT's latent is its own
     dynamiccity = spec.model == "dynamiccity-vae"
@@ -320,11 +339,14 @@ __all__ = [
     "WIDTHS",
     "BenchSpec",
     "bench_sizes",
+    "cli_args",
     "bf16_supported",
     "curve_gap",
     "encode_decode",
     "loss_curve",
     "peak_rss_gib",
     "run",
+    "step_fn",
+    "timed",
     "town_labels",
 ]

@@ -232,18 +232,26 @@ def _model_info(args) -> int:
 BENCH_MODELS = ("dynamiccity-vae", "dynamiccity-dit", "sep4d", "occsora", "xscene-vae")  # = bench.MODELS (tested)
 
 
-def _bench_step(args) -> int:
-    from occlab.bench import STATIC, BenchSpec, run
+def bench_spec(args):
+    """The BenchSpec of `occlab bench step`'s arguments."""
+    from occlab.bench import STATIC, BenchSpec
 
     if args.model in STATIC and args.frames not in (None, 1):
         raise OcclabError(f"--model {args.model} is static (one scene per sample): leave out --frames or give 1 "
                           f"(got {args.frames}); --batch sets the scenes per step")
     frames = 16 if args.frames is None else args.frames
-    spec = BenchSpec(model=args.model, task=args.task, geometry=args.geometry, frames=frames, batch=args.batch,
+    return BenchSpec(model=args.model, task=args.task, geometry=args.geometry, frames=frames, batch=args.batch,
                      device=args.device, threads=args.threads, precision=args.precision, steps=args.steps,
                      warmup=args.warmup, small=args.small, reference=args.reference, checkpoint=args.checkpoint,
-                     frame_chunk=args.frame_chunk)
-    result = run(spec)
+                     frame_chunk=args.frame_chunk, attn_dropout=args.attn_dropout, rates=args.rates,
+                     encoder=args.encoder, decoder=args.decoder, widths=args.widths,
+                     grid=tuple(args.grid) if args.grid else None)
+
+
+def _bench_step(args) -> int:
+    from occlab.bench import run
+
+    result = run(bench_spec(args))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
@@ -541,6 +549,13 @@ def build_parser() -> Parser:
     bs.add_argument("--checkpoint", action="store_true", help="activation checkpointing (DynamicCity VAE)")
     bs.add_argument("--frame-chunk", type=int, default=0,
                     help="frames per chunk of the per-frame 3D stages (DynamicCity VAE)")
+    bs.add_argument("--attn-dropout", type=float, default=0.0,
+                    help="projection-module attention dropout (DynamicCity VAE; released 0.1, studies 0)")
+    bs.add_argument("--rates", type=_parse_rates, default=(2, 2, 2, 2), help="dT,dX,dY,dZ (DynamicCity VAE, SEP-4D)")
+    bs.add_argument("--encoder", default="projection", help="plane reducer: projection | avgpool (DynamicCity VAE)")
+    bs.add_argument("--decoder", default="ess", help="ess | query (DynamicCity VAE)")
+    bs.add_argument("--widths", default="paper", help="the VAE's size preset: paper | small | tiny (study: small)")
+    bs.add_argument("--grid", type=int, nargs=3, metavar=("X", "Y", "Z"), help="a crop of the geometry's grid (VAEs)")
     bs.add_argument("--json", action="store_true", help="one line")
     bs.set_defaults(func=_bench_step)
 

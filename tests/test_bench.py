@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from occlab import cli
-from occlab.bench import MODELS, RESULT_KEYS, STATIC, TRAIN_KW, BenchSpec, _step_fn, _vae, bench_sizes, run
+from occlab.bench import MODELS, RESULT_KEYS, STATIC, TRAIN_KW, BenchSpec, _vae, bench_sizes, cli_args, run, step_fn
 from occlab.errors import OcclabError
 from occlab.models import MODELS as REGISTRY
 
@@ -30,7 +30,7 @@ def test_tiny_train_step_trains(model):
     """The steps really train: 6 of them move every parameter (zero-initialised layers pass their first gradient on
     in the second step) and lower the loss."""
     torch.manual_seed(0)
-    net, step = _step_fn(tiny(model), CPU)
+    net, step = step_fn(tiny(model), CPU)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     losses = [float(step()) for _ in range(6)]
     assert [n for n, p in net.named_parameters() if torch.equal(p, before[n])] == []
@@ -41,7 +41,7 @@ def test_tiny_train_step_trains(model):
 @pytest.mark.parametrize("model", NEW)
 def test_tiny_encode_decode(model):
     """encode+decode runs without grad in eval mode and gives full-grid logits (X-Scene: per scene)."""
-    net, step = _step_fn(tiny(model, task="encode-decode"), CPU)
+    net, step = step_fn(tiny(model, task="encode-decode"), CPU)
     logits = step()
     assert not net.training and not logits.requires_grad
     assert tuple(logits.shape) == ((1, 11, 16, 16, 8) if model in STATIC else (1, 11, 4, 16, 16, 8))
@@ -79,7 +79,7 @@ def test_occ3d_geometry_sizes():
     assert bench_sizes(BenchSpec(model="xscene-vae", geometry="occ3d", frames=8)) == ((200, 200, 16), 1)
     with pytest.raises(OcclabError, match="larger than"):
         bench_sizes(BenchSpec(model="occsora", grid=(256, 16, 8)))
-    with pytest.raises(OcclabError, match="divisible by the model's rates"):
+    with pytest.raises(OcclabError, match="cannot be built.*not divisible by its rate"):
         _vae(BenchSpec(model="occsora", frames=4), CPU)  # the paper's rates 8, 8, 8
 
 
@@ -132,3 +132,30 @@ def test_cli_small_paper_size(model):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(RESULT_KEYS) <= set(result) and result["model"] == model and result["grid"] == [64, 64, 8]
     assert result["params"] > 400_000 and 0.2 < result["peak_mem_gib"] < 16
+
+
+@pytest.mark.parametrize("spec", [
+    BenchSpec(),
+    BenchSpec(widths="small", grid=(32, 32, 8), frames=8, encoder="avgpool", decoder="query", rates=(1, 2, 2, 1),
+              threads=1, steps=1, attn_dropout=0.1, precision="bf16"),
+    BenchSpec(model="sep4d", task="encode-decode", rates=(1, 1, 1, 1), small=True, warmup=0),
+    BenchSpec(model="xscene-vae", widths="tiny", grid=(16, 16, 8), batch=2, checkpoint=False),
+    BenchSpec(reference=True, checkpoint=True, frame_chunk=2, geometry="occ3d", device="cuda"),
+])
+def test_cli_args_rebuild_the_spec(spec):
+    """cli_args is the inverse of `occlab bench step`'s parser: the fresh process step_cost starts measures the
+    same workload."""
+    args = cli.build_parser().parse_args(["bench", "step", *cli_args(spec)])
+    assert cli.bench_spec(args) == spec
+
+
+def test_cli_sizes_a_study_variant(capsys):
+    """--widths, --grid, --frames and DynamicCity's --encoder/--decoder/--rates reach the workload."""
+    assert cli.main(["bench", "step", "--widths", "tiny", "--grid", "16", "16", "8", "--frames", "4", "--encoder",
+                     "avgpool", "--decoder", "query", "--rates", "1,2,2,1", "--steps", "1", "--warmup", "0",
+                     "--threads", str(torch.get_num_threads()), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["grid"] == [16, 16, 8] and result["frames"] == 4 and result["widths"] == "tiny"
+    assert (result["encoder"], result["decoder"], result["rates"]) == ("avgpool", "query", [1, 2, 2, 1])
+    assert cli.main(["bench", "step", "--encoder", "pooling"]) == 2
+    assert "encoder must be one of" in capsys.readouterr().err

@@ -104,3 +104,23 @@ def test_each_variant_can_have_its_own_baseline():
     # one shared floor (the old form) would have let OccSora's fall count
     shared = {c["id"]: c for c in evaluate_claims("01_reconstruction", values, "study", floor={"miou": 0.147})}
     assert shared["sep-t1-length-occsora"]["holds"] == "yes"
+
+
+def test_time_and_memory_claims_read_the_side_by_side_cost():
+    """With step_cost's table the time and memory verdicts come from it (median, round-to-round spread), never
+    from the runs' training logs, which here say the opposite."""
+    runs = pd.DataFrame([{"encoder": e, "decoder": d, "seed": 0, "miou": 0.5, "iou": 0.8, "cr": 12.0,
+                          "s_per_iter": {"ess": 3.0, "query": 1.0}[d], "peak_mem_gib": {"ess": 2.0, "query": 1.0}[d],
+                          "run_id": f"r{e}{d}"} for e in ("avgpool", "projection") for d in ("query", "ess")])
+    cost = pd.DataFrame([{"encoder": e, "decoder": d, "s_per_iter": {"ess": 0.4, "query": 1.0}[d],
+                          "s_per_iter_std": {"avgpool": 0.01, "projection": 0.7}[e],
+                          "peak_mem_gib": {"ess": 0.9, "query": 1.3}[d], "peak_mem_gib_std": 0.0}
+                         for e in ("avgpool", "projection") for d in ("query", "ess")])
+    logs = {c["id"]: c for c in claims(runs, "03_vae_structure", "study")}
+    side = {c["id"]: c for c in claims(runs, "03_vae_structure", "study", cost=cost)}
+    assert logs["dc-t3-ess-faster-avg"]["holds"] == "no" and logs["dc-t3-ess-lighter"]["holds"] == "no"
+    assert side["dc-t3-ess-faster-avg"]["holds"] == "yes" and side["dc-t3-ess-faster-avg"]["ours"] == [0.4, 1.0]
+    assert side["dc-t3-ess-faster-proj"]["holds"] == "inconclusive"  # 0.6 s apart, round-to-round spread 0.7
+    assert side["dc-t3-ess-faster-proj"]["spread"] == 0.7
+    assert side["dc-t3-ess-lighter"]["holds"] == "yes"
+    assert side["dc-t3-proj-ess"] == logs["dc-t3-proj-ess"]  # mIoU claims unchanged

@@ -28,7 +28,8 @@ def test_every_table_gets_a_card_with_every_field(tmp_path):
     path = write_table(pd.DataFrame({"miou": [0.5]}), tmp_path, "t")
     card = read_protocol(path)
     assert path.with_name("t.protocol.json").is_file()
-    assert set(PROTOCOL_FIELDS) <= set(card)
+    assert set(PROTOCOL_FIELDS) - {"cost"} <= set(card)
+    assert "cost" not in card  # no time or memory column: nothing to state
     assert card["ground_truth_in_sampling"] == "never"
     assert "split" in card["unstated"] and "ground_truth_in_sampling" not in card["unstated"]
 

@@ -43,3 +43,31 @@ def test_figures_show_the_richest_of_the_first_windows():
 
     windows = [window([0, 6, 6]), window([0, 6, 8]), window([0, 1, 6, 8]), window([0, 1, 6, 8])]
     assert richest_window(windows) == 2 and richest_window(windows, candidates=2) == 1
+
+
+def test_step_cost_times_the_variants_side_by_side(tmp_path):
+    """step_cost: one row per variant with a positive median step time and its round-to-round spread, and the
+    peak memory of a fresh `occlab bench step` process of that variant; its card states how, leaving nothing
+    unstated, and the summary table's card names the same measurement."""
+    import torch
+
+    from occlab.report.tables import read_protocol, write_table
+    from occlab.studies import vae
+
+    variants = [{"encoder": "avgpool", "decoder": "ess"}, {"encoder": "projection", "decoder": "query"}]
+    threads = torch.get_num_threads()
+    cost = vae.step_cost(variants, "smoke", rounds=2, progress=False)
+    assert torch.get_num_threads() == threads
+    assert list(cost.encoder) == ["avgpool", "projection"] and list(cost.decoder) == ["ess", "query"]
+    assert (cost.s_per_iter > 0).all() and (cost.s_per_iter_std >= 0).all() and set(cost.rounds) == {2}
+    assert ((cost.peak_mem_gib > 0.1) & (cost.peak_mem_gib < 8)).all()
+    runs = pd.DataFrame([{**v, "seed": 0, "miou": 0.3, "iou": 0.5, "run_id": f"r{i}"} for i, v in enumerate(variants)])
+    table = vae.with_cost(vae.summarize(runs, ["encoder", "decoder"], metrics=("miou", "iou")), cost,
+                          ["encoder", "decoder"])
+    assert table.s_per_iter.tolist() == cost.s_per_iter.tolist()
+    runs, cost, table = vae.cost_protocol("smoke", runs, cost, table)
+    card = read_protocol(write_table(cost, tmp_path, "cost"))
+    assert card["unstated"] == [] and "alternating in one process" in card["cost"]
+    assert card["geometry"] == "carlasc crop 16x16x8" and card["frames"] == 4
+    assert read_protocol(write_table(table, tmp_path, "t"))["cost"] == card["cost"]
+    assert "training log" in read_protocol(write_table(runs.assign(s_per_iter=1.0), tmp_path, "r"))["cost"]

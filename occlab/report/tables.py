@@ -59,8 +59,14 @@ PROTOCOL_FIELDS = {
     "metric_network": "version of the frozen metric network (generation metrics)",
     "conditions": "conditions given to the generator",
     "ground_truth_in_sampling": "anything derived from ground truth that entered sampling",
+    "cost": "how s/iter and peak memory were measured (only on tables that show them)",
     "runs": "run ids behind the numbers (occlab runs show ID)",
 }
+COST_COLUMNS = ("s_per_iter", "peak_mem_gib")
+TRAINING_LOG_COST = ("from each run's training log: s/iter the median step time, peak memory the training process's "
+                     "peak (CPU: peak RSS, shared by runs trained in one process; GPU: the allocator's peak); times of "
+                     "runs trained at different times on a shared machine do not rank them (occlab.studies.vae."
+                     "step_cost does)")
 RUN_COLUMNS = ("run_id", "run_ids", "run", "ours: run_id", "ours: run_ids")  # `beside` prefixes "ours: "
 
 
@@ -103,6 +109,10 @@ def protocol_card(df: pd.DataFrame, protocol: dict | None = None, runs_root: str
         card["metric_network"] = versions[0] if versions else None
     if runs:
         card["runs"] = runs
+    if any(c.endswith(cost) for c in df.columns for cost in COST_COLUMNS):
+        card["cost"] = TRAINING_LOG_COST
+    else:
+        del card["cost"]  # no time or memory column: nothing to state
     card.update({k: _jsonable(v) for k, v in given.items()})
     card["unstated"] = [k for k, v in card.items() if v is None]
     return card

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from occlab.errors import OcclabError
-from occlab.report.tables import attach_protocol
+from occlab.report.tables import attach_protocol, geometry_label
 from occlab.train.config import DataConfig, TrainConfig
 
 PRESETS = ("smoke", "study", "paper")
@@ -109,13 +109,15 @@ def run_grid(variants: list[dict], preset: str, dataset: str = "synthetic_town",
     return pd.DataFrame(rows)
 
 
-def recon_protocol(preset: str, *tables: pd.DataFrame):
-    """Give reconstruction tables the protocol their runs' configs do not state (DESIGN §4); returns them."""
+def recon_protocol(preset: str, *tables: pd.DataFrame, **fields):
+    """Give reconstruction tables the protocol their runs' configs do not state (DESIGN §4), and `fields`;
+    returns them."""
     card = {"split": "val", "classes_miou": "non-free classes present in the ground truth",
             "classes_iou": "occupied (any non-free class) vs free", "mask": "the dataset's visibility mask "
             "(all voxels on the synthetic town)", "horizon": "none: reconstruction of the input window",
             "preset": preset, "samples": "not applicable: every val window reconstructed",
-            "metric_network": "none: IoU / mIoU from one confusion matrix over the split", "conditions": "none"}
+            "metric_network": "none: IoU / mIoU from one confusion matrix over the split", "conditions": "none",
+            **fields}
     return attach_protocol(card, *tables)
 
 
@@ -177,8 +179,8 @@ def _show(value):
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
 
 
-__all__ = ["PRESETS", "SIZES", "dynamiccity_setup", "vae_setup", "mean_scene_baseline", "preset_size", "reconstruct",
-           "run_grid", "summarize"]
+__all__ = ["PRESETS", "SIZES", "claims", "downsampling", "dynamiccity_setup", "mean_scene_baseline", "preset_size",
+           "reconstruct", "run_grid", "seed_spread", "step_cost", "summarize", "vae_setup", "vae_structure"]
 
 
 # ------------------------------------------------------------------------------ DynamicCity Tab. 3 and Tab. 4
@@ -187,29 +189,34 @@ RATES = [(1, 1, 1, 1), (1, 2, 2, 1), (2, 2, 2, 2), (2, 4, 4, 2)]
 PAPER_ENCODER = {"avgpool": "average_pooling", "projection": "projection"}
 
 
-def vae_structure(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
-                  device: str = "cpu", seeds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """DynamicCity Tab. 3: encoder x decoder -> mIoU, s/iter, peak memory; (runs, table with the paper's)."""
+def vae_structure(preset: str, dataset: str = "synthetic_town", data_root: str | None = None, device: str = "cpu",
+                  seeds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """DynamicCity Tab. 3: encoder x decoder -> mIoU (trained runs), s/iter and peak memory (step_cost);
+    (runs, cost, table with the paper's)."""
     from occlab.report.tables import beside, paper_table
 
     runs = run_grid(STRUCTURES, preset, dataset, data_root, device, seeds)
-    table = summarize(runs, ["encoder", "decoder"])
+    cost = step_cost(STRUCTURES, preset, device)
+    table = with_cost(summarize(runs, ["encoder", "decoder"], metrics=("miou", "iou")), cost, ["encoder", "decoder"])
     table["encoder"] = table["encoder"].map(PAPER_ENCODER)
     paper = paper_table("dynamiccity_t3_vae_structure")
     table = beside(table, paper, ["encoder", "decoder"], {"carlasc_miou": "CarlaSC mIoU (%)",
                                                           "carlasc_s_per_iter": "CarlaSC s/iter (GPU)",
                                                           "carlasc_vram_gb": "CarlaSC VRAM (GB)"})
-    return recon_protocol(preset, runs, table)
+    return cost_protocol(preset, runs, cost, table)
 
 
-def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
-                 device: str = "cpu", seeds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """DynamicCity Tab. 4: the four rate settings -> C.R. (ours and at the paper's CarlaSC size), mIoU, cost."""
+def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | None = None, device: str = "cpu",
+                 seeds: tuple[int, ...] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """DynamicCity Tab. 4: the four rate settings -> C.R. (ours and at the paper's CarlaSC size), mIoU (trained
+    runs), s/iter and peak memory (step_cost); (runs, cost, table with the paper's)."""
     from occlab.models import dynamiccity_paper
     from occlab.report.tables import beside, paper_table
 
-    runs = run_grid([{"rates": r} for r in RATES], preset, dataset, data_root, device, seeds)
-    table = summarize(runs, ["rates"], metrics=("miou", "iou", "cr", "s_per_iter", "peak_mem_gib"))
+    variants = [{"rates": r} for r in RATES]
+    runs = run_grid(variants, preset, dataset, data_root, device, seeds)
+    cost = step_cost(variants, preset, device)
+    table = with_cost(summarize(runs, ["rates"], metrics=("miou", "iou", "cr")), cost, ["rates"])
     table["cr_carlasc_t16"] = [dynamiccity_paper(rates=tuple(map(int, r.split(",")))).compression_ratio()
                                for r in table["rates"]]
     paper = paper_table("dynamiccity_t4_downsampling")
@@ -217,15 +224,98 @@ def downsampling(preset: str, dataset: str = "synthetic_town", data_root: str | 
     table = beside(table, paper, ["rates"], {"carlasc_cr": "CarlaSC C.R.", "carlasc_miou": "CarlaSC mIoU (%)",
                                             "carlasc_s_per_iter": "CarlaSC s/iter (GPU)",
                                             "carlasc_vram_gb": "CarlaSC VRAM (GB)"})
-    return recon_protocol(preset, runs, table)
+    return cost_protocol(preset, runs, cost, table)
+
+
+def with_cost(table: pd.DataFrame, cost: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """A summary with step_cost's s/iter and peak memory (and their spreads) joined on the variant columns."""
+    return table.merge(cost[keys + [c for m in COST for c in (m, f"{m}_std")]], on=keys, how="left")
+
+
+def cost_text(cost: pd.DataFrame) -> str:
+    """How step_cost measured a table's s/iter and peak memory (a protocol card's `cost`)."""
+    return (f"measured side by side (occlab.studies.vae.step_cost): s/iter the median of {int(cost['rounds'].iloc[0])} "
+            f"rounds of the variants' training steps alternating in one process ({int(cost['threads'].iloc[0])} "
+            f"threads on {cost['device'].iloc[0]}, one warm-up each, occlab.bench's step on a town sequence at the "
+            f"preset's size), its spread the round-to-round std; peak memory of a fresh `occlab bench step` process "
+            f"per variant (CPU: peak RSS, torch included; GPU: the allocator's peak)")
+
+
+def cost_protocol(preset: str, runs: pd.DataFrame, cost: pd.DataFrame, table: pd.DataFrame):
+    """Cards of a study's runs, step_cost and summary tables: reconstruction's, and how the costs were measured."""
+    size = preset_size(preset)
+    na = "not applicable: cost of untrained models"
+    attach_protocol({"dataset": "synthetic_town: occlab.bench.town_labels (seed 1)", "split": na,
+                     "geometry": geometry_label("carlasc", size.crop), "frames": size.frames, "classes_miou": na,
+                     "classes_iou": na, "mask": na, "horizon": na, "preset": preset, "seeds": "model init 0",
+                     "samples": na, "metric_network": na, "conditions": "none", "cost": cost_text(cost),
+                     "runs": "none: measured in this notebook"}, cost)
+    return recon_protocol(preset, runs), cost, recon_protocol(preset, table, cost=cost_text(cost))
+
+
+COST = ("s_per_iter", "peak_mem_gib")  # the columns step_cost measures
+
+
+def step_cost(variants: list[dict], preset: str, device: str = "cpu", geometry: str = "carlasc",
+              rounds: int = 5, memory: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Seconds per training step and peak memory of DynamicCity variants at the preset's size, side by side.
+
+    A training log's s/iter cannot rank variants trained at different times on a shared machine, nor can a
+    process's peak RSS rank runs trained one after another in it. So the steps (occlab.bench's, on a town
+    sequence) alternate in this process: one warm-up each, then `rounds` rounds, the order rotating every round,
+    so that a change of the machine's load falls on every variant alike; the median and the round-to-round std
+    are the time and its spread. Peak memory: a fresh `occlab bench step` process per variant (peak RSS on CPU,
+    the allocator's peak on GPU); `memory=False` leaves it out (NaN).
+    """
+    import json
+    import subprocess
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from occlab.bench import BenchSpec, cli_args, step_fn, timed
+
+    size, dev = preset_size(preset), torch.device(device)
+    _, _, train = vae_setup("dynamiccity", preset, device=device)
+    specs = [BenchSpec(widths=size.widths, grid=size.crop, frames=size.frames, geometry=geometry, device=device,
+                       threads=torch.get_num_threads(), precision=train.precision, steps=1,
+                       rates=tuple(v.get("rates", BenchSpec.rates)), encoder=v.get("encoder", BenchSpec.encoder),
+                       decoder=v.get("decoder", BenchSpec.decoder), attn_dropout=MODEL_KW["dynamiccity"]["attn_dropout"])
+             for v in variants]
+    steps = []
+    for spec in specs:
+        torch.manual_seed(0)
+        steps.append(step_fn(spec, dev)[1])
+    times = [[] for _ in specs]
+    order = list(range(len(specs)))
+    for r in tqdm(range(rounds + 1), desc="step cost", unit="round", disable=not progress):
+        for i in order[r % len(order):] + order[:r % len(order)]:
+            t = timed(steps[i], dev)
+            if r:  # round 0 warms up
+                times[i].append(t)
+    del steps
+    rows = []
+    for variant, spec, t in zip(variants, specs, times):
+        peak = float("nan")
+        if memory:
+            cmd = [sys.executable, "-m", "occlab", "bench", "step", *cli_args(spec), "--json"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise OcclabError(f"peak memory of {variant} failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+            peak = json.loads(done.stdout.splitlines()[-1])["peak_mem_gib"]
+        rows.append({**{k: _show(v) for k, v in variant.items()}, "s_per_iter": float(np.median(t)),
+                     "s_per_iter_std": float(np.std(t, ddof=1)) if len(t) > 1 else 0.0, "peak_mem_gib": peak,
+                     "peak_mem_gib_std": 0.0, "rounds": rounds, "threads": spec.threads, "device": device})
+    return pd.DataFrame(rows)
 
 
 def claims(runs: pd.DataFrame, notebook: str, preset: str, min_spread: dict | None = None,
-           baseline: dict | None = None, keys: list[str] | None = None) -> list[dict]:
+           baseline: dict | None = None, keys: list[str] | None = None, cost: pd.DataFrame | None = None) -> list[dict]:
     """Verdicts of the claims a notebook owns (occlab.report.claims), from its runs (variants x seeds).
 
     `min_spread` ({metric: std}) floors the seed-to-seed spread, for notebooks that can afford only one seed;
-    `baseline` (the mean-scene baseline's {miou, iou}) marks mIoU claims between untrained-looking models.
+    `baseline` (the mean-scene baseline's {miou, iou}) marks mIoU claims between untrained-looking models;
+    `cost` (step_cost's table) gives s/iter and peak memory with their spreads in place of the runs' logs.
     `keys`: the columns naming a variant, joined by "/" as the claims name them (default: rates, or
     encoder/decoder).
     """
@@ -236,17 +326,18 @@ def claims(runs: pd.DataFrame, notebook: str, preset: str, min_spread: dict | No
     table = summarize(runs, keys, metrics=metrics)
     for metric, floor in (min_spread or {}).items():
         table[f"{metric}_std"] = table[f"{metric}_std"].clip(lower=floor)
+    if cost is not None:
+        table = with_cost(table.drop(columns=[c for m in COST for c in (m, f"{m}_std")]), cost, keys)
     values = {"/".join(str(row[k]) for k in keys): row.to_dict() for _, row in table.iterrows()}
     return evaluate_claims(notebook, values, preset, floor=baseline)
 
 
 def seed_spread(preset: str, dataset: str = "synthetic_town", data_root: str | None = None,
                 device: str = "cpu") -> dict:
-    """Seed-to-seed std of each metric of the paper's choice (projection + ESS, rates 2,2,2,2) over the
-    preset's seeds, from the run cache (trained if missing)."""
+    """Seed-to-seed std of mIoU and IoU of the paper's choice (projection + ESS, rates 2,2,2,2) over the
+    preset's seeds, from the run cache (trained if missing). Time and memory spreads: step_cost."""
     runs = run_grid([{"encoder": "projection", "decoder": "ess"}], preset, dataset, data_root, device)
-    return {m: float(runs[m].std(ddof=1)) if len(runs) > 1 else 0.0
-            for m in ("miou", "iou", "s_per_iter", "peak_mem_gib")}
+    return {m: float(runs[m].std(ddof=1)) if len(runs) > 1 else 0.0 for m in ("miou", "iou")}
 
 
 def reconstruction_figure(run_id: str, out, frame: int = 0, index: int | None = None) -> np.ndarray:
