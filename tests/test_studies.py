@@ -61,6 +61,8 @@ def test_step_cost_times_the_variants_side_by_side(tmp_path):
     assert list(cost.encoder) == ["avgpool", "projection"] and list(cost.decoder) == ["ess", "query"]
     assert (cost.s_per_iter > 0).all() and (cost.s_per_iter_std >= 0).all() and set(cost.rounds) == {2}
     assert ((cost.peak_mem_gib > 0.1) & (cost.peak_mem_gib < 8)).all()
+    with pytest.raises(OcclabError, match="fusion"):
+        vae.step_cost([{"fusion": "sep"}], "smoke", memory=False, progress=False)
     runs = pd.DataFrame([{**v, "seed": 0, "miou": 0.3, "iou": 0.5, "run_id": f"r{i}"} for i, v in enumerate(variants)])
     table = vae.with_cost(vae.summarize(runs, ["encoder", "decoder"], metrics=("miou", "iou")), cost,
                           ["encoder", "decoder"])

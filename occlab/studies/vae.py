@@ -246,7 +246,7 @@ def cost_protocol(preset: str, runs: pd.DataFrame, cost: pd.DataFrame, table: pd
     size = preset_size(preset)
     na = "not applicable: cost of untrained models"
     attach_protocol({"dataset": "synthetic_town: occlab.bench.town_labels (seed 1)", "split": na,
-                     "geometry": geometry_label("carlasc", size.crop), "frames": size.frames, "classes_miou": na,
+                     "geometry": geometry_label(cost["geometry"].iloc[0], size.crop), "frames": size.frames, "classes_miou": na,
                      "classes_iou": na, "mask": na, "horizon": na, "preset": preset, "seeds": "model init 0",
                      "samples": na, "metric_network": na, "conditions": "none", "cost": cost_text(cost),
                      "runs": "none: measured in this notebook"}, cost)
@@ -276,6 +276,10 @@ def step_cost(variants: list[dict], preset: str, device: str = "cpu", geometry: 
     from occlab.bench import BenchSpec, cli_args, step_fn, timed
 
     size, dev = preset_size(preset), torch.device(device)
+    for v in variants:
+        if set(v) - {"rates", "encoder", "decoder"}:
+            raise OcclabError(f"step_cost times DynamicCity's Tab. 3-4 variants (rates, encoder, decoder); "
+                              f"{v} has {sorted(set(v) - {'rates', 'encoder', 'decoder'})}")
     _, _, train = vae_setup("dynamiccity", preset, device=device)
     specs = [BenchSpec(widths=size.widths, grid=size.crop, frames=size.frames, geometry=geometry, device=device,
                        threads=torch.get_num_threads(), precision=train.precision, steps=1,
@@ -305,7 +309,8 @@ def step_cost(variants: list[dict], preset: str, device: str = "cpu", geometry: 
             peak = json.loads(done.stdout.splitlines()[-1])["peak_mem_gib"]
         rows.append({**{k: _show(v) for k, v in variant.items()}, "s_per_iter": float(np.median(t)),
                      "s_per_iter_std": float(np.std(t, ddof=1)) if len(t) > 1 else 0.0, "peak_mem_gib": peak,
-                     "peak_mem_gib_std": 0.0, "rounds": rounds, "threads": spec.threads, "device": device})
+                     "peak_mem_gib_std": 0.0, "rounds": rounds, "threads": spec.threads, "device": device,
+                     "geometry": geometry})
     return pd.DataFrame(rows)
 
 
