@@ -292,6 +292,10 @@ def _train_dit(args) -> int:
 def _generate(args) -> int:
     if args.model == "xscene":
         return _generate_xscene(args)
+    given = [f"--{n}" for n in ("layout", "boxes") if getattr(args, n)]
+    if given:
+        raise OcclabError(f"{' and '.join(given)} condition X-Scene's outpainting (--model xscene); the HexPlane DiT "
+                          f"takes its layout from --cond-file")
     if args.n is None:
         raise OcclabError("occlab generate needs --n (number of samples) for the HexPlane DiT")
     from occlab.generate import generate
@@ -344,15 +348,17 @@ def _generate(args) -> int:
 
 def _generate_xscene(args) -> int:
     """X-Scene: consistency-aware outpainting of an n x m map with a triplane diffusion checkpoint -> one npz."""
-    from occlab.train.triplane_diffusion import outpaint_file, read_layout
+    from occlab.train.triplane_diffusion import outpaint_file, read_boxes, read_layout
 
     try:
         n, m = (int(v) for v in args.outpaint.lower().split("x"))
     except ValueError:
         raise OcclabError(f"--outpaint wants NxM chunks, e.g. 3x3, got {args.outpaint!r}") from None
     layout = read_layout(args.layout) if args.layout else None
-    info = outpaint_file(args.ckpt, args.out, (n, m), layout, steps=args.steps, seed=args.seed,
-                         guidance=args.guidance, resample=args.resample)
+    boxes = read_boxes(args.boxes) if args.boxes else None
+    info = outpaint_file(args.ckpt, args.out, (n, m), layout, boxes, steps=args.steps, seed=args.seed,
+                         guidance=args.guidance, resample=args.resample, voxel_size=args.voxel_size,
+                         min_bound=args.min_bound)
     print(json.dumps(info))
     return 0
 
@@ -508,6 +514,13 @@ def build_parser() -> Parser:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default="cpu")
     g.add_argument("--layout", default=None, help="xscene: BEV layout of the whole map (.npy, or .npz 'layout')")
+    g.add_argument("--boxes", default=None,
+                   help="xscene: boxes of the whole map, (M, 10) rows frame,cls,cx,cy,cz,l,w,h,yaw,track (.npy, or "
+                        ".npz 'boxes': a sequence file's first frame), in the map's frame (see --voxel-size)")
+    g.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SX", "SY", "SZ"),
+                   help="xscene: the boxes' units per map voxel (default 1: boxes in voxels)")
+    g.add_argument("--min-bound", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("X", "Y", "Z"),
+                   help="xscene: the boxes' coordinates of the map's corner voxel (default 0)")
     g.add_argument("--outpaint", default="3x3", help="xscene: NxM chunks of the outpainted map")
     g.add_argument("--resample", type=int, default=0, help="xscene: RePaint resamplings per sampler step")
     g.set_defaults(func=_generate)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from occlab.models.xscene import XSceneVAE, xscene_tiny
+from occlab.models.xscene_diffusion import config_for_vae
 from occlab.train.config import DataConfig, TrainConfig
 from occlab.train.dit_trainer import DiTTrainConfig
 from occlab.train.triplane_diffusion import (
@@ -153,3 +154,53 @@ def test_claims_from_hand_made_tables():
     noisy.loc[(noisy.variant == "without_layout") & (noisy.seed == 1), "fid_3d"] = 2000.0  # spread 1200 > margin
     assert {c["id"]: c for c in claims(vae, noisy, "study")}["xs-t6-layout-vs-boxes"]["holds"] == "inconclusive"
     assert all(c["holds"] == "smoke" for c in claims(vae, diff, "smoke"))
+
+
+def test_cli_outpaints_with_boxes_and_refuses_bad_box_files(vae_ckpt, tmp_path, capsys, monkeypatch):
+    """--boxes conditions each chunk on the boxes whose centre it holds (in voxels, or in metres with
+    --voxel-size); malformed box files, boxes for the DiT and a box-less denoiser are refused naming the fix."""
+    import json
+
+    import occlab.outpaint
+    from occlab.cli import main
+    from occlab.data import BOX_FIELDS
+
+    seen = {}
+    chunk_cond = occlab.outpaint._chunk_cond
+
+    def spy(denoiser, layout, boxes, x0, y0, *args):
+        cond = chunk_cond(denoiser, layout, boxes, x0, y0, *args)
+        seen[(x0, y0)] = cond["box_classes"][0].tolist() if "box_classes" in cond else None
+        return cond
+
+    monkeypatch.setattr(occlab.outpaint, "_chunk_cond", spy)
+    cfg = DiTTrainConfig(steps=2, batch_size=2, diffusion_steps=100, ckpt_every=2)
+    train_triplane_diffusion(vae_ckpt, tmp_path / "d", cfg=cfg)
+    ckpt = str(tmp_path / "d" / "checkpoint.pt")
+    box = np.array([[0, 1, 20.0, 20.0, 2.0, 4.0, 2.0, 2.0, 0.3, 0]], np.float32)  # a car at voxel (20, 20)
+    np.save(tmp_path / "boxes.npy", box)
+    np.save(tmp_path / "metres.npy", box * np.array([1, 1, .5, .5, .5, .5, .5, .5, 1, 1], np.float32))
+    base = ["generate", "--model", "xscene", "--ckpt", ckpt, "--outpaint", "3x3", "--steps", "3", "--seed", "4"]
+    holding = {(x, y) for x in (8, 16) for y in (8, 16)}  # 16-voxel chunks every 8 voxels: x0 <= 20 < x0 + 16
+    for extra in (["--boxes", str(tmp_path / "boxes.npy")],
+                  ["--boxes", str(tmp_path / "metres.npy"), "--voxel-size", "0.5", "0.5", "0.5"]):
+        seen.clear()
+        assert main([*base, *extra, "--out", str(tmp_path / "boxed.npz")]) == 0
+        info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert np.load(tmp_path / "boxed.npz")["labels"].shape == tuple(info["shape"]) == (32, 32, 8)
+        assert {c for c, classes in seen.items() if 1 in classes} == holding and len(seen) == 9, seen
+    np.save(tmp_path / "bad.npy", box[:, :5])
+    assert main([*base, "--boxes", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "x.npz")]) != 0
+    assert f"(M, {len(BOX_FIELDS)})" in capsys.readouterr().err
+    np.savez(tmp_path / "seq.npz", labels=np.zeros((2, 4, 4, 4), np.uint8))
+    assert main([*base, "--boxes", str(tmp_path / "seq.npz"), "--out", str(tmp_path / "x.npz")]) != 0
+    assert "no 'boxes' array" in capsys.readouterr().err
+    assert main(["generate", "--model", "dit", "--ckpt", ckpt, "--n", "1", "--boxes", str(tmp_path / "boxes.npy"),
+                 "--out", str(tmp_path / "y")]) != 0
+    assert "--model xscene" in capsys.readouterr().err
+    nobox = DiTTrainConfig(steps=2, batch_size=2, diffusion_steps=100, ckpt_every=2)
+    dit = config_for_vae(xscene_tiny(TINY, 1, num_classes=11), "tiny", box_cond=False)
+    train_triplane_diffusion(vae_ckpt, tmp_path / "n", dit, nobox)
+    assert main([*base[:4], str(tmp_path / "n" / "checkpoint.pt"), *base[5:], "--boxes", str(tmp_path / "boxes.npy"),
+                 "--out", str(tmp_path / "z.npz")]) != 0
+    assert "without the box condition" in capsys.readouterr().err

@@ -262,11 +262,38 @@ def read_layout(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def read_boxes(path: str | os.PathLike) -> torch.Tensor:
+    """Box rows (M, 10) in BOX_FIELDS order from .npy, or .npz with key `boxes` (an occlab sequence file: the
+    boxes of its first frame)."""
+    import numpy as np
+
+    from occlab.data import BOX_FIELDS
+
+    p = Path(path)
+    if not p.is_file():
+        raise OcclabError(f"{p}: no such boxes file (want .npy, or .npz with a 'boxes' array)")
+    arr = np.load(p)
+    if p.suffix == ".npz":
+        if "boxes" not in arr:
+            raise OcclabError(f"{p}: no 'boxes' array (keys {sorted(arr.keys())})")
+        arr = arr["boxes"]
+        arr = arr[arr[:, 0] == 0] if arr.ndim == 2 and len(arr) else arr  # a sequence's first frame
+    arr = np.asarray(arr, np.float32)
+    if arr.ndim != 2 or arr.shape[1] != len(BOX_FIELDS):
+        raise OcclabError(f"{p}: boxes must be (M, {len(BOX_FIELDS)}) rows {', '.join(BOX_FIELDS)}, "
+                          f"got shape {arr.shape}")
+    return torch.from_numpy(arr)
+
+
 def outpaint_file(ckpt: str | os.PathLike, out: str | os.PathLike, chunks=(3, 3), layout: torch.Tensor | None = None,
-                  *, overlap=None, steps: int = 50, seed: int = 0, guidance: float = 1.0, resample: int = 0) -> dict:
+                  boxes: torch.Tensor | None = None, *, overlap=None, steps: int = 50, seed: int = 0,
+                  guidance: float = 1.0, resample: int = 0, voxel_size=(1.0, 1.0, 1.0),
+                  min_bound=(0.0, 0.0, 0.0)) -> dict:
     """Outpaint a chunks[0] x chunks[1] map with a trained triplane diffusion and write it to `out` (.npz: labels
     (X_big, Y_big, Z) uint8, offsets (n, 4) rows i, j, x0, y0, agreement (k, 3) rows i, j, seam agreement).
-    layout: the whole map's BEV (X_big, Y_big) (a smaller one is rejected with the size it needs)."""
+    layout: the whole map's BEV (X_big, Y_big) (a smaller one is rejected with the size it needs); boxes: (M, 10)
+    rows in the map's frame, whose origin corner is `min_bound` and voxels `voxel_size` (default: voxel units
+    from the map's corner); each chunk is conditioned on the boxes whose centre it holds."""
     import numpy as np
 
     from occlab.outpaint import big_shape, outpaint
@@ -274,12 +301,14 @@ def outpaint_file(ckpt: str | os.PathLike, out: str | os.PathLike, chunks=(3, 3)
     vae, model, diffusion, stats, _ = load_triplane_diffusion(ckpt)
     if layout is not None and not model.config.layout_cond:
         raise OcclabError(f"{ckpt}: this denoiser was trained without the layout condition; drop --layout")
+    if boxes is not None and not model.config.box_cond:
+        raise OcclabError(f"{ckpt}: this denoiser was trained without the box condition; drop --boxes")
     shape = big_shape(vae.config.grid, chunks, overlap)
     if layout is not None and tuple(layout.shape) != tuple(shape[:2]):
         raise OcclabError(f"the layout is {tuple(layout.shape)}, a {chunks[0]}x{chunks[1]} map of {vae.config.grid} "
                           f"chunks needs ({shape[0]}, {shape[1]})")
-    res = outpaint(vae, model, diffusion, layout, None, chunks, overlap, steps, seed, guidance=guidance, stats=stats,
-                   details=True, resample=resample)
+    res = outpaint(vae, model, diffusion, layout, boxes, chunks, overlap, steps, seed, guidance=guidance, stats=stats,
+                   details=True, resample=resample, voxel_size=voxel_size, min_bound=min_bound)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     offsets = np.array([[i, j, x, y] for (i, j), (x, y) in res.offsets.items()], np.int64)
@@ -295,6 +324,7 @@ __all__ = [
     "load_triplane_diffusion",
     "load_vae",
     "outpaint_file",
+    "read_boxes",
     "read_layout",
     "run_key",
     "sample_scenes",
