@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/tz_attention.py [--threads 2] [--block 512]
 
-After the encoder's 2,2,2,2 downsampling of 16 x 128 x 128 x 8, the tz plane has 8 x 4 = 32 positions, each a
-sequence of 64 x 64 voxel tokens plus the query token (4,097), latent width 16 in 2 heads of dimension 8. Times
+The projection module reduces the time branch's (T, X/2, Y/2, Z/2) = (16, 64, 64, 4) volume to the tz plane
+before the plane's time downsampling: 16 x 4 = 64 positions, each a sequence of 64 x 64 voxel tokens plus the
+query token (4,097), latent width 16 in 2 heads of dimension 8 (the shapes `benchmarks/profile_step.py` shows). Times
 forward and backward of PyTorch's scaled_dot_product_attention against an exact blocked softmax in plain
 tensor ops (query blocks of `--block` rows), two repetitions each, fp32 on CPU.
 """
@@ -13,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-SEQUENCES, HEADS, TOKENS, HEAD_DIM = 32, 2, 64 * 64 + 1, 8
+SEQUENCES, HEADS, TOKENS, HEAD_DIM = 64, 2, 64 * 64 + 1, 8
 
 
 def blocked(q, k, v, block: int):
