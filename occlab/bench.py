@@ -12,6 +12,7 @@ scaler for fp16. X-Scene's VAE is static: every sample is one scene (a window of
 """
 from __future__ import annotations
 
+import copy
 import resource
 import statistics
 import time
@@ -170,7 +171,11 @@ def step_fn(spec: BenchSpec, device: torch.device):
         from occlab.diffusion import Diffusion
         from occlab.models.dit import DiT, dit_paper
 
+        from occlab.train.dit_trainer import DiTTrainConfig, ema_update
+
         model = DiT(dit_paper()).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()  # the trainer keeps one (as the released code)
+        decay = DiTTrainConfig().ema_decay
         g = torch.Generator().manual_seed(0)
         x = torch.randn(spec.batch, model.config.channels, *model.layout.map_shape, generator=g).to(device)
         diffusion, mask = Diffusion(1000), model.loss_mask().to(device)
@@ -182,6 +187,7 @@ def step_fn(spec: BenchSpec, device: torch.device):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            ema_update(ema, model, decay)
             return loss.detach()
         return model, step
 
