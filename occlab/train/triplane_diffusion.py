@@ -241,24 +241,31 @@ def sample_scenes(vae, model: TriplaneDiT, diffusion: Diffusion, stats: dict, co
     return decode_labels(vae, planes)
 
 
+def _read_array(path: str | os.PathLike, key: str):
+    """The array of a .npy file, or the one under `key` in a .npz; errors name the file and what it should hold."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise OcclabError(f"{p}: no such {key} file (want .npy, or .npz with a '{key}' array)")
+    if p.suffix != ".npz":
+        return np.load(p)
+    with np.load(p) as npz:
+        if key not in npz:
+            raise OcclabError(f"{p}: no '{key}' array (keys {sorted(npz.keys())})")
+        return npz[key]
+
+
 def read_layout(path: str | os.PathLike) -> torch.Tensor:
     """A BEV layout map (X, Y) of integer classes from .npy, or .npz with key `layout` ((X, Y), or (T, X, Y) of an
     occlab sequence file: its first frame)."""
     import numpy as np
 
-    p = Path(path)
-    if not p.is_file():
-        raise OcclabError(f"{p}: no such layout file (want .npy, or .npz with a 'layout' array)")
-    arr = np.load(p)
-    if p.suffix == ".npz":
-        if "layout" not in arr:
-            raise OcclabError(f"{p}: no 'layout' array (keys {sorted(arr.keys())})")
-        arr = arr["layout"]
-    arr = np.asarray(arr)
+    arr = np.asarray(_read_array(path, "layout"))
     if arr.ndim == 3:
         arr = arr[0]
     if arr.ndim != 2:
-        raise OcclabError(f"{p}: layout must be (X, Y) or (T, X, Y), got shape {arr.shape}")
+        raise OcclabError(f"{Path(path)}: layout must be (X, Y) or (T, X, Y), got shape {arr.shape}")
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -269,18 +276,12 @@ def read_boxes(path: str | os.PathLike) -> torch.Tensor:
 
     from occlab.data import BOX_FIELDS
 
-    p = Path(path)
-    if not p.is_file():
-        raise OcclabError(f"{p}: no such boxes file (want .npy, or .npz with a 'boxes' array)")
-    arr = np.load(p)
-    if p.suffix == ".npz":
-        if "boxes" not in arr:
-            raise OcclabError(f"{p}: no 'boxes' array (keys {sorted(arr.keys())})")
-        arr = arr["boxes"]
-        arr = arr[arr[:, 0] == 0] if arr.ndim == 2 and len(arr) else arr  # a sequence's first frame
+    arr = _read_array(path, "boxes")
+    if Path(path).suffix == ".npz" and arr.ndim == 2 and len(arr):
+        arr = arr[arr[:, 0] == 0]  # a sequence's first frame
     arr = np.asarray(arr, np.float32)
     if arr.ndim != 2 or arr.shape[1] != len(BOX_FIELDS):
-        raise OcclabError(f"{p}: boxes must be (M, {len(BOX_FIELDS)}) rows {', '.join(BOX_FIELDS)}, "
+        raise OcclabError(f"{Path(path)}: boxes must be (M, {len(BOX_FIELDS)}) rows {', '.join(BOX_FIELDS)}, "
                           f"got shape {arr.shape}")
     return torch.from_numpy(arr)
 
