@@ -18,6 +18,32 @@ def count_parameters(module: nn.Module | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Instance norm
+# ---------------------------------------------------------------------------------------------------------
+
+class _GroupNormForward:
+    """Instance norm computed as a group norm with one group per channel: the same function and parameters.
+
+    torch 2.14's F.instance_norm returns a wrong input gradient when the incoming gradient's memory order puts
+    the spatial axes before (N, C), e.g. the gradient of a tensor that a later step rearranged into tokens
+    (tests/test_blocks.py::test_instance_norm_gradient_for_any_gradient_layout); group norm's is right for every
+    layout. Running statistics are not supported (no occlab model tracks them)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, *spatial)
+        if self.track_running_stats:
+            raise ValueError("occlab's instance norms do not track running statistics")
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)  # (N, C, *spatial)
+
+
+class InstanceNorm2d(_GroupNormForward, nn.InstanceNorm2d):
+    """nn.InstanceNorm2d with a gradient that is right for every memory layout (see _GroupNormForward)."""
+
+
+class InstanceNorm3d(_GroupNormForward, nn.InstanceNorm3d):
+    """nn.InstanceNorm3d with a gradient that is right for every memory layout (see _GroupNormForward)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 3D convolution blocks
 # ---------------------------------------------------------------------------------------------------------
 
@@ -30,10 +56,10 @@ class ResidualBlock3d(nn.Module):
         pad = kernel_size // 2
         layers = [
             nn.Conv3d(channels, channels, kernel_size, padding=pad, padding_mode=padding_mode),
-            nn.InstanceNorm3d(channels),
+            InstanceNorm3d(channels),
             nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             nn.Conv3d(channels, channels, kernel_size, padding=pad, padding_mode=padding_mode),
-            nn.InstanceNorm3d(channels),
+            InstanceNorm3d(channels),
         ]
         if final_act:
             layers.append(nn.LeakyReLU(LEAKY_SLOPE, inplace=True))
@@ -49,7 +75,7 @@ class DownBlock3d(nn.Module):
     def __init__(self, channels: int, factors: tuple[int, int, int]):
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, kernel_size=factors, stride=factors)
-        self.norm = nn.InstanceNorm3d(channels)
+        self.norm = InstanceNorm3d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, X, Y, Z)
         return self.norm(self.conv(x))  # (N, C, X/fx, Y/fy, Z/fz)

@@ -41,8 +41,8 @@ from torch.utils.checkpoint import checkpoint
 from occlab import planes as P
 from occlab.classes import NUM_CLASSES_CARLASC
 from occlab.errors import OcclabError
-from occlab.models.blocks import (LEAKY_SLOPE, DownBlock3d, GaussianHead, GridPositionalEncoding, ResidualBlock3d,
-                                  Transformer, count_parameters)
+from occlab.models.blocks import (LEAKY_SLOPE, DownBlock3d, GaussianHead, GridPositionalEncoding, InstanceNorm2d,
+                                  InstanceNorm3d, ResidualBlock3d, Transformer, count_parameters)
 
 AXES = P.HEXPLANE_AXES  # "txyz"
 PLANES = P.axis_pairs(AXES)  # ["tx", "ty", "tz", "xy", "xz", "yz"]
@@ -178,9 +178,9 @@ def _cl(x: torch.Tensor) -> torch.Tensor:
 def _layer(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One layer of a 3D stage on a channels-last (N, C, X, Y, Z) tensor, with the fast kernel where one exists."""
     if isinstance(m, nn.InstanceNorm3d) and not m.track_running_stats:
-        # one group per channel = instance norm; in fp32 (under bf16 autocast the next conv casts back): the
-        # CPU's bf16 channels-last group-norm backward is 3x slower than the fp32 one
-        return F.group_norm(x.float(), x.shape[1], m.weight, m.bias, m.eps)
+        # one group per channel = instance norm; at least fp32 (under bf16 autocast the next conv casts back):
+        # the CPU's bf16 channels-last group-norm backward is 3x slower than the fp32 one
+        return F.group_norm(x.to(torch.promote_types(x.dtype, torch.float32)), x.shape[1], m.weight, m.bias, m.eps)
     if isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1) and m.stride == (1, 1, 1) and m.groups == 1:
         y = F.linear(x.permute(0, 2, 3, 4, 1), m.weight.flatten(1), m.bias)  # (N, X, Y, Z, C_out)
         return y.permute(0, 4, 1, 2, 3)  # (N, C_out, X, Y, Z), channels-last memory
@@ -276,7 +276,8 @@ class AxisReducer(nn.Module):
             tokens = torch.cat([query, tokens], dim=1) + self.pos  # (B * kept, 1 + n, C)
             # on CPU the transformer stays fp32 under autocast: bf16 attention at head dim 8 is slower there
             with torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else nullcontext():
-                h = self.transformer(tokens.float(), first_row_only=True)[:, 0]  # (B * kept, C): the query's output
+                tokens = tokens.to(torch.promote_types(tokens.dtype, torch.float32))  # fp32 (fp64 stays)
+                h = self.transformer(tokens, first_row_only=True)[:, 0]  # (B * kept, C): the query's output
             h = self.head(h)  # (B * kept, C)
             return rearrange(h, f"(b {' '.join(self.kept)}) c -> b c {' '.join(self.kept)}", **self.kept_sizes)
         h = x.mean(dim=self.reduce_dims)  # (B, C, *kept)
@@ -380,7 +381,7 @@ class PlaneConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm = nn.InstanceNorm2d(out_channels, eps=1e-6, affine=True)
+        self.norm = InstanceNorm2d(out_channels, eps=1e-6, affine=True)
         self.act = nn.SiLU()
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1)
@@ -399,10 +400,10 @@ class PlaneUpsampler(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.ConvTranspose2d(channels, channels, kernel_size=factors, stride=factors),
-            nn.InstanceNorm2d(channels),
+            InstanceNorm2d(channels),
             nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             nn.Conv2d(channels, channels, 3, padding=1),
-            nn.InstanceNorm2d(channels),
+            InstanceNorm2d(channels),
             nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
         )
 
@@ -432,7 +433,7 @@ class ESSDecoder(nn.Module):
         self.pe = GridPositionalEncoding((cfg.frames, *cfg.grid), cfg.pe_freqs)  # (8F, T, X, Y, Z) constant
         self.head = nn.Sequential(
             nn.Conv3d(Hh + self.pe.channels, K, 1),
-            nn.InstanceNorm3d(K),
+            InstanceNorm3d(K),
             nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             nn.Conv3d(K, K, 1),
         )

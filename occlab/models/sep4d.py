@@ -77,7 +77,7 @@ from einops import rearrange
 from occlab import planes as P
 from occlab.classes import NUM_CLASSES_CARLASC
 from occlab.errors import OcclabError
-from occlab.models.blocks import LEAKY_SLOPE, DownBlock3d, ResidualBlock3d, count_parameters
+from occlab.models.blocks import LEAKY_SLOPE, DownBlock3d, InstanceNorm3d, ResidualBlock3d, count_parameters
 
 AXES = P.HEXPLANE_AXES  # "txyz"
 PLANES = P.axis_pairs(AXES)  # ["tx", "ty", "tz", "xy", "xz", "yz"]
@@ -482,10 +482,10 @@ class ResBlock3d(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.InstanceNorm3d(channels, affine=True),
+            InstanceNorm3d(channels, affine=True),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.Conv3d(channels, channels, 3, padding=1),
-            nn.InstanceNorm3d(channels, affine=True),
+            InstanceNorm3d(channels, affine=True),
             nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             nn.Conv3d(channels, channels, 3, padding=1),
         )
@@ -529,7 +529,7 @@ class Decoder(nn.Module):
         for j in range(steps):  # mirror of the encoder: the axes reduced most are restored first
             factors = tuple(2 if s >= steps - j else 1 for s in logs)
             self.ups.append(nn.ConvTranspose3d(widths[j], widths[j + 1], kernel_size=factors, stride=factors))
-        self.head = nn.Sequential(nn.InstanceNorm3d(widths[-1], affine=True), nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+        self.head = nn.Sequential(InstanceNorm3d(widths[-1], affine=True), nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
                                   nn.Conv3d(widths[-1], cfg.num_classes, 1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, X', Y', Z'T')

@@ -59,7 +59,7 @@ from einops import rearrange
 from occlab import planes as P
 from occlab.classes import FREE, IGNORE
 from occlab.errors import OcclabError
-from occlab.models.blocks import DownBlock3d, GaussianHead, ResidualBlock3d, count_parameters
+from occlab.models.blocks import DownBlock3d, GaussianHead, InstanceNorm2d, ResidualBlock3d, count_parameters
 
 AXES = P.TRIPLANE_AXES  # "xyz"
 PLANES = P.axis_pairs(AXES)  # ["xy", "xz", "yz"]
@@ -256,7 +256,7 @@ class TriplaneEncoder(nn.Module):
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.num_classes, C)
         self.backbone = TriplaneBackbone(C, cfg.downsample)
-        self.norm = nn.InstanceNorm2d(C)  # no parameters, shared by the planes (released)
+        self.norm = InstanceNorm2d(C)  # no parameters, shared by the planes (released)
         if cfg.vae:
             self.gaussians = nn.ModuleDict({n: GaussianHead(C) for n in PLANES})
 
@@ -291,7 +291,7 @@ class PlaneResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm = nn.InstanceNorm2d(out_channels, eps=1e-6, affine=True)
+        self.norm = InstanceNorm2d(out_channels, eps=1e-6, affine=True)
         self.act = nn.SiLU()
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
