@@ -85,3 +85,16 @@ def test_lovasz_integer_sort_equals_reference():
     torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-9)
     assert values[0].item() > 0.1
+
+
+def test_lovasz_ignored_voxels_get_exactly_no_gradient():
+    """Ignored voxels stay in the sort, keyed after every valid one: their Lovász weights are exactly 0."""
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(500, 4, generator=g).softmax(-1).requires_grad_()
+    labels = torch.randint(0, 4, (500,), generator=g)
+    labels[::7] = 255
+    value = lovasz_softmax(probs, labels)
+    grad, = torch.autograd.grad(value, probs)
+    assert grad[labels == 255].abs().max().item() == 0.0 and grad[labels != 255].abs().max().item() > 0
+    kept = lovasz_softmax(probs[labels != 255], labels[labels != 255])  # the same loss with them removed
+    torch.testing.assert_close(value, kept, rtol=1e-6, atol=1e-7)
