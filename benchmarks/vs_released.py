@@ -338,6 +338,9 @@ def import_released_dit(root: Path):
 # The two steps
 # ---------------------------------------------------------------------------------------------------------
 
+OURS_COMPUTE: dict = {}  # how occlab's VAE side runs (BenchSpec checkpoint / frame_chunk): main sets it from the flags
+
+
 def occlab_step(small: bool, threads: int, steps: int, kind: str = "vae"):
     """(model, step) of occlab's bench at this configuration (`kind` vae: the DynamicCity VAE; dit: DiT-DC/2)."""
     from occlab.bench import BenchSpec, step_fn
@@ -345,7 +348,8 @@ def occlab_step(small: bool, threads: int, steps: int, kind: str = "vae"):
     if kind == "dit":
         spec = BenchSpec(model="dynamiccity-dit", task="train", batch=DIT_BATCH, threads=threads, steps=steps)
     else:
-        spec = BenchSpec(model="dynamiccity-vae", task="train", small=small, threads=threads, steps=steps)
+        spec = BenchSpec(model="dynamiccity-vae", task="train", small=small, threads=threads, steps=steps,
+                         **OURS_COMPUTE)
     return step_fn(spec, CPU)
 
 
@@ -472,7 +476,7 @@ def build_sides(root: Path, small: bool, threads: int, steps: int, sides=SIDES, 
     cfg = ours_model.config
     config = {"grid": list(cfg.grid), "frames": cfg.frames, "batch": 1, "rates": list(cfg.rates),
               "latent_channels": cfg.latent_channels, "precision": "fp32", "threads": threads,
-              "attn_dropout": 0.0, "num_classes_occlab": cfg.num_classes}
+              "attn_dropout": 0.0, "num_classes_occlab": cfg.num_classes, "occlab_compute": dict(OURS_COMPUTE)}
     built = {"occlab": (ours_model, ours_step)} if "occlab" in sides else {}
     del ours_model, ours_step  # a released-only process keeps none of ours (a few MB before its peak)
     if "released" in sides:
@@ -515,6 +519,8 @@ def measure_memory(root: Path, small: bool, threads: int, kind: str = "vae") -> 
         cmd = [sys.executable, __file__, "--released", str(root), "--threads", str(threads), "--side", side]
         cmd += ["--small"] if small else []
         cmd += ["--model", kind] if kind != "vae" else []
+        cmd += ["--checkpoint"] if OURS_COMPUTE.get("checkpoint") else []
+        cmd += ["--frame-chunk", str(OURS_COMPUTE["frame_chunk"])] if OURS_COMPUTE.get("frame_chunk") else []
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise OcclabError(f"the {side} memory subprocess failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
@@ -653,12 +659,21 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-RSS runs")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="VAE: occlab's side with activation checkpointing of its per-frame stages (as `occlab bench "
+                        "step --checkpoint`); theirs has no such option")
+    p.add_argument("--frame-chunk", type=int, default=0, help="VAE: occlab's frames per chunk (0: all, 4 with "
+                                                               "--checkpoint)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side's peak RSS
     a = p.parse_args(argv)
+    OURS_COMPUTE.clear()
+    OURS_COMPUTE.update({k: v for k, v in (("checkpoint", a.checkpoint), ("frame_chunk", a.frame_chunk)) if v})
     try:
         root = check_released(a.released, a.model)
         if a.steps < 1:
             raise OcclabError(f"--steps must be at least 1, got {a.steps}")
+        if a.model == "dit" and OURS_COMPUTE:
+            raise OcclabError("--checkpoint and --frame-chunk are options of the VAE step (the DiT has neither)")
         if a.small and a.model == "dit":
             raise OcclabError("--small is a VAE size; the DiT runs on the latent of CarlaSC 128x128x8, T = 16 only")
         if a.side:

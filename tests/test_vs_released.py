@@ -104,10 +104,11 @@ print(json.dumps(dict(full=m.count(full), full11=m.count(full11), ours=m.count(D
 
 @pytest.mark.slow
 def test_command_line_small_one_step_each(released):
-    """The whole comparison at --small, one timed step each (tens of seconds on 2 cores)."""
+    """The whole comparison at --small, one timed step each (tens of seconds on 2 cores); occlab's side checkpointed
+    in chunks of 2 frames, as the flags ask."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--released", str(released), "--small", "--steps", "1",
-                           "--threads", "1", "--json", "--no-memory"], check=False, capture_output=True, text=True,
-                          cwd=ROOT)
+                           "--threads", "1", "--json", "--no-memory", "--checkpoint", "--frame-chunk", "2"],
+                          check=False, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
     assert r["config"]["grid"] == [64, 64, 8] and r["config"]["frames"] == 8 and r["config"]["rates"] == [2, 2, 2, 2]
@@ -115,6 +116,7 @@ def test_command_line_small_one_step_each(released):
     assert r["released"]["s_per_step"] > 0 and r["occlab"]["s_per_step"] > 0
     assert r["ratio_time"] == pytest.approx(r["occlab"]["s_per_step"] / r["released"]["s_per_step"], abs=2e-3)
     assert any("parameters differ by +97" in n for n in r["notes"])
+    assert r["config"]["occlab_compute"] == {"checkpoint": True, "frame_chunk": 2}
 
 
 def test_dit_needs_their_diffusion_files(tmp_path):
@@ -132,6 +134,8 @@ def test_dit_needs_their_diffusion_files(tmp_path):
     assert mod.check_released(tmp_path, "dit") == tmp_path.resolve()
     with pytest.raises(SystemExit, match="--small is a VAE size"):  # before anything of theirs is imported
         mod.main(["--released", str(tmp_path), "--model", "dit", "--small"])
+    with pytest.raises(SystemExit, match="--checkpoint and --frame-chunk are options of the VAE step"):
+        mod.main(["--released", str(tmp_path), "--model", "dit", "--checkpoint"])
 
 
 def test_patch_embed_shim_is_timm_patch_embed():
