@@ -95,7 +95,8 @@ def reproduce(preset: str = "smoke", only: list[str] | None = None, out_dir: str
     write_reports(result)
     from tqdm.auto import tqdm
 
-    bar = tqdm(list(zip(notebooks, result.notebooks)), desc=f"reproduce {preset}", unit="notebook",
+    pairs = dict(zip(notebooks, result.notebooks))  # the report keeps the numbered order; execution may differ
+    bar = tqdm([(p, pairs[p]) for p in execution_order(notebooks)], desc=f"reproduce {preset}", unit="notebook",
                disable=not progress)
     for path, record in bar:
         bar.set_postfix_str(record.name)
@@ -127,6 +128,28 @@ def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path
         raise OcclabError(f"unknown notebook {', '.join(sorted(unknown))}; available: "
                           f"{', '.join(p.stem for p in notebooks)}")
     return [p for p in notebooks if wanted & _aliases(p.stem)]
+
+
+def execution_order(notebooks: list[Path]) -> list[Path]:
+    """The notebooks in their numbered order, except that the selected ones that a notebook's metadata names under
+    `occlab.run_after` run just before it: notebook 01's verdict yardstick is notebook 03's two seeds, so 03
+    trains them within its own budget instead of 01 training them first."""
+    order: list[Path] = []
+
+    def visit(path: Path, chain: tuple[str, ...] = ()) -> None:
+        if path in order:
+            return
+        if path.stem in chain:
+            raise OcclabError(f"notebooks {' -> '.join(chain + (path.stem,))} name each other in run_after")
+        after = json.loads(path.read_text()).get("metadata", {}).get("occlab", {}).get("run_after", [])
+        for before in notebooks:
+            if before is not path and _aliases(before.stem) & set(after):
+                visit(before, chain + (path.stem,))
+        order.append(path)
+
+    for path in notebooks:
+        visit(path)
+    return order
 
 
 def _aliases(stem: str) -> set[str]:
