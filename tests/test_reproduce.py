@@ -11,7 +11,7 @@ import pytest
 
 from occlab.errors import OcclabError
 from occlab.report.html import write_index
-from occlab.reproduce import PRESETS, find_notebooks, reproduce, select_notebooks
+from occlab.reproduce import PRESETS, execution_order, find_notebooks, reproduce, select_notebooks
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMETERS = 'preset = "smoke"\ndataset = "synthetic_town"\ndata_root = None\ndevice = "cpu"\nseed = 0\nout_dir = "."'
@@ -150,6 +150,29 @@ def test_only_filters_and_unknown_name(notebooks: Path) -> None:
         select_notebooks(found, ["nope"])
     with pytest.raises(OcclabError, match="unknown notebook"):
         reproduce("smoke", only=["99"], notebooks_dir=notebooks)
+
+
+def _run_after(path: Path, names: list[str]) -> None:
+    nb = json.loads(path.read_text())
+    nb["metadata"]["occlab"] = {"run_after": names}
+    path.write_text(json.dumps(nb))
+
+
+def test_run_after_moves_a_prerequisite_first(notebooks: Path, tmp_path: Path) -> None:
+    """01 naming 03 in its metadata: 03 runs just before 01 when both are selected; the report keeps 01, 02, 03."""
+    found = find_notebooks(notebooks)
+    assert [p.stem for p in execution_order(found)] == ["01_writes", "02_raises", "03_after"]
+    _run_after(found[0], ["03"])
+    assert [p.stem for p in execution_order(found)] == ["03_after", "01_writes", "02_raises"]
+    assert [p.stem for p in execution_order(select_notebooks(found, ["01", "02"]))] == ["01_writes", "02_raises"]
+    result = reproduce("smoke", only=["01", "03"], out_dir=tmp_path / "r", notebooks_dir=notebooks, progress=False)
+    assert [r.name for r in result.notebooks] == ["01_writes", "03_after"] and result.ok
+    _run_after(found[2], ["writes"])
+    with pytest.raises(OcclabError, match="01_writes -> 03_after -> 01_writes name each other"):
+        execution_order(found)
+    # the kit's own: notebook 01 after notebook 03 (03's two seeds are 01's verdict yardstick)
+    kit = find_notebooks(Path(__file__).resolve().parents[1] / "notebooks")
+    assert [p.stem[:2] for p in execution_order(kit)][:3] == ["00", "03", "01"]
 
 
 def test_only_runs_the_selection(notebooks: Path, tmp_path: Path) -> None:
