@@ -1,6 +1,7 @@
 """Run the numbered notebooks with Papermill, export each to HTML and write the report index.
 
-`reproduce(preset="smoke")` executes `notebooks/NN_*.ipynb` in order. Each notebook gets its own output folder
+`reproduce(preset="smoke")` executes `notebooks/NN_*.ipynb` in order (a notebook whose metadata names others under
+`occlab.run_after` runs just after those of them that are selected). Each notebook gets its own output folder
 `<out>/<NN_name>/` (passed as the `out_dir` parameter) for its tables and figures; the executed copy and its
 HTML export land there too. A failed notebook is recorded and the run goes on. `<out>/index.html` and
 `<out>/index.json` are rewritten after every notebook, so an interrupted run still has an index.
