@@ -177,10 +177,10 @@ def _cl(x: torch.Tensor) -> torch.Tensor:
 
 def _layer(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One layer of a 3D stage on a channels-last (N, C, X, Y, Z) tensor, with the fast kernel where one exists."""
-    if isinstance(m, nn.InstanceNorm3d) and not m.track_running_stats:
-        # one group per channel = instance norm; at least fp32 (under bf16 autocast the next conv casts back):
-        # the CPU's bf16 channels-last group-norm backward is 3x slower than the fp32 one
-        return F.group_norm(x.to(torch.promote_types(x.dtype, torch.float32)), x.shape[1], m.weight, m.bias, m.eps)
+    if isinstance(m, InstanceNorm3d):
+        # a group norm (blocks.InstanceNorm3d), at least fp32 (under bf16 autocast the next conv casts back): the
+        # CPU's bf16 channels-last group-norm backward is 3x slower than the fp32 one
+        return m(x.to(torch.promote_types(x.dtype, torch.float32)))
     if isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1) and m.stride == (1, 1, 1) and m.groups == 1:
         y = F.linear(x.permute(0, 2, 3, 4, 1), m.weight.flatten(1), m.bias)  # (N, X, Y, Z, C_out)
         return y.permute(0, 4, 1, 2, 3)  # (N, C_out, X, Y, Z), channels-last memory
