@@ -17,9 +17,9 @@ def main(path: str) -> int:
     from occlab.train.trainer import train
 
     job = json.loads(open(path).read())
-    spec = job["model"]
-    model = build_model(spec["name"], spec["config"])
-    train(model, spec, from_dict(DataConfig, job["data"]), from_dict(TrainConfig, job["train"]), job["out"],
+    spec, train_cfg = job["model"], from_dict(TrainConfig, job["train"])
+    model = build_model(spec["name"], spec["config"], train_cfg.seed)
+    train(model, spec, from_dict(DataConfig, job["data"]), train_cfg, job["out"],
           num_classes=spec["config"]["num_classes"], progress=job.get("progress", True))
     return 0
 

@@ -1,7 +1,7 @@
 """The run cache: every trained model is stored under a key derived from its whole configuration.
 
 The key hashes the model name and config, the data and training configs (minus what does not change the
-result: device, threads, workers, logging cadence) and the source of the model's code, so notebooks that need
+result beyond rounding: device, threads, workers, logging cadence) and the source of the model's code, so notebooks that need
 the same model train it once, a finished run is reused, and an interrupted one resumes.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from occlab.train.config import DataConfig, TrainConfig, from_dict, to_dict
 
 NOT_IN_KEY = ("device", "threads", "num_workers", "ckpt_every", "val_every")
 SHARED_MODEL_CODE = ("occlab.models.blocks", "occlab.planes")
+RUN_FORMAT = 2  # 2: a run's initial weights are drawn from its seed (format 1 runs drew them from torch's own)
 
 
 def runs_dir() -> Path:
@@ -51,17 +52,29 @@ def model_spec(name: str, config) -> dict:
 def run_key(spec: dict, data: DataConfig, train: TrainConfig) -> str:
     """A stable id of a run: model name plus a hash of everything that determines its result."""
     train_part = {k: v for k, v in to_dict(train).items() if k not in NOT_IN_KEY}
-    payload = json.dumps({"model": spec, "data": to_dict(data), "train": train_part}, sort_keys=True)
+    payload = json.dumps({"model": spec, "data": to_dict(data), "train": train_part, "format": RUN_FORMAT},
+                         sort_keys=True)
     return f"{spec['name']}-{hashlib.sha1(payload.encode()).hexdigest()[:12]}"
 
 
-def build_model(name: str, config_dict: dict):
-    """Instantiate a registered model from its JSON config."""
+def build_model(name: str, config_dict: dict, seed: int | None = None):
+    """Instantiate a registered model from its JSON config; with `seed`, its initial weights are drawn from it.
+
+    A training run passes its seed: torch seeds a new process's generator at random, so unseeded weights would
+    differ between two runs of one configuration. The caller's global RNG is left as it was.
+    """
+    import torch
+
     registry = model_registry()
     if name not in registry:
         raise OcclabError(f"unknown model {name!r}; expected one of {', '.join(registry)}")
     cfg_cls, model_cls = registry[name][:2]
-    return model_cls(from_dict(cfg_cls, config_dict))
+    config = from_dict(cfg_cls, config_dict)
+    if seed is None:
+        return model_cls(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls(config)
 
 
 def load_trained(ckpt: str | os.PathLike, split: str = "val"):
@@ -114,7 +127,7 @@ def train_or_load(name: str, config, data: DataConfig, train: TrainConfig, root:
     if not isolate:
         from occlab.train.trainer import train as run_training
 
-        run_training(build_model(name, spec["config"]), spec, data, train, run.path, config.num_classes, progress)
+        run_training(build_model(name, spec["config"], train.seed), spec, data, train, run.path, config.num_classes, progress)
         return run
     run.path.mkdir(parents=True, exist_ok=True)
     job = run.path / "job.json"
