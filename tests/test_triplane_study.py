@@ -204,3 +204,32 @@ def test_cli_outpaints_with_boxes_and_refuses_bad_box_files(vae_ckpt, tmp_path, 
     assert main([*base[:4], str(tmp_path / "n" / "checkpoint.pt"), *base[5:], "--boxes", str(tmp_path / "boxes.npy"),
                  "--out", str(tmp_path / "z.npz")]) != 0
     assert "without the box condition" in capsys.readouterr().err
+
+
+def test_the_centre_chunk_of_a_seam_map_is_conditioned_like_a_training_frame(tmp_path, monkeypatch):
+    """real_region's boxes, corner and voxel size line up: the centre chunk of a 3x3 map (half-chunk overlaps) is
+    the data's own centred crop and gets the same layout and box conditions as that training frame."""
+    from types import SimpleNamespace
+
+    from occlab.data import make_dataset
+    from occlab.models.xscene_diffusion import boxes_condition
+    from occlab.outpaint import _chunk_cond, big_shape, chunk_offsets
+    from occlab.studies.triplane import real_region
+    from occlab.train.triplane_diffusion import window_bounds
+
+    monkeypatch.setenv("OCCLAB_CACHE", str(tmp_path / "town"))
+    grid = (32, 32, 8)  # the study chunk: wide enough to hold boxes
+    data = DataConfig(frames=1, crop=grid, train_sequences=1, val_sequences=8)
+    frames = make_dataset(data.dataset, None, "val", **data.source_options("val"))
+    denoiser = SimpleNamespace(config=SimpleNamespace(max_boxes=16))
+    x0, y0 = chunk_offsets(grid, (3, 3))[(1, 1)]
+    checked = 0
+    for index in range(len(frames)):
+        item, region = frames[index], real_region(data, big_shape(grid, (3, 3)), index)
+        cond = _chunk_cond(denoiser, region["layout"], region["boxes"], x0, y0, grid,
+                           torch.tensor(region["voxel_size"]), torch.tensor(region["min_bound"]), "cpu")
+        corners, classes = boxes_condition(item["boxes"][:1], *window_bounds(data), 16)
+        assert torch.equal(cond["layout"][0], item["layout"][0].long())
+        assert torch.equal(cond["box_classes"], classes) and torch.allclose(cond["boxes"], corners, atol=1e-5)
+        checked += int((classes >= 0).any())
+    assert checked  # some frame has a box inside the crop: the comparison is not vacuous

@@ -7,8 +7,8 @@
   both conditions ("full"), without the layout, without the boxes; each samples one scene per validation
   frame under that frame's conditions, decoded by the VAE, and is scored against the real validation frames
   (3D FID and F-score with the kit's spconv feature network; sample seeds give the spread).
-- Seams: a small consistency-aware outpainting (occlab.outpaint) under the layout of a real town region; label
-  agreement in the overlaps and class statistics of the seam bands against the chunks' interiors.
+- Seams: a small consistency-aware outpainting (occlab.outpaint) under the layout and boxes of a real town region;
+  label agreement in the overlaps and class statistics of the seam bands against the chunks' interiors.
 """
 from __future__ import annotations
 
@@ -354,20 +354,22 @@ def seam_statistics(labels: torch.Tensor, offsets: dict, grid, band: int = 2) ->
 
 
 def real_region(data: DataConfig, shape, index: int = 0) -> dict:
-    """The layout (X, Y) and labels (X, Y, Z) of an ego-centred region of `shape` of a validation frame (uncropped
-    town): the conditions of an outpainted map and the real scene to compare its statistics with."""
-    from occlab.data import make_dataset
+    """The conditions of an outpainted map of `shape` (X, Y, Z) and the real scene to compare it with: layout
+    (X, Y), labels (X, Y, Z) and box rows (M, 10) of an ego-centred region of a validation frame (uncropped town),
+    with the region's metric corner `min_bound` and `voxel_size` (the frame the boxes are in)."""
+    from occlab.data import get_geometry, make_dataset
 
-    opts = data.source_options("val")
-    opts["crop"] = tuple(int(v) for v in shape)
-    ds = make_dataset(data.dataset, data.data_root, "val", **opts)
+    shape = tuple(int(v) for v in shape)
+    ds = make_dataset(data.dataset, data.data_root, "val", **{**data.source_options("val"), "crop": shape})
     item = ds[index]
-    return {"layout": item["layout"][0].long(), "labels": item["labels"][0]}
+    geo = get_geometry(data.geometry).crop(shape)  # boxes stay in ego metres: the region's bounds in that frame
+    return {"layout": item["layout"][0].long(), "labels": item["labels"][0], "boxes": item["boxes"][0],
+            "min_bound": geo.min_bound, "voxel_size": geo.voxel_size}
 
 
 def outpaint_seams(gen: dict, preset: str, seed: int = 0, resample: int = 0, band: int = 2) -> dict:
-    """Outpaint the preset's map (3x3 at study) under a real region's layout with the full diffusion -> {result,
-    real, agreement (mean and per chunk), seam statistics of the map and of the real region}."""
+    """Outpaint the preset's map (3x3 at study) under a real region's layout and boxes (those the model was trained
+    with) -> {result, real, agreement (mean and per chunk), seam statistics of the map and of the real region}."""
     from occlab.outpaint import big_shape, outpaint
     from occlab.train.triplane_diffusion import load_triplane_diffusion
 
@@ -376,8 +378,11 @@ def outpaint_seams(gen: dict, preset: str, seed: int = 0, resample: int = 0, ban
     grid = vae.config.grid
     shape = big_shape(grid, size.outpaint)
     region = real_region(data, shape)
-    res = outpaint(vae, model, diffusion, region["layout"] if model.config.layout_cond else None, None,
-                   size.outpaint, None, size.sampler_steps, seed, stats=stats, details=True, resample=resample)
+    layout = region["layout"] if model.config.layout_cond else None
+    boxes = region["boxes"] if model.config.box_cond else None
+    res = outpaint(vae, model, diffusion, layout, boxes, size.outpaint, None, size.sampler_steps, seed, stats=stats,
+                   voxel_size=region["voxel_size"], min_bound=region["min_bound"], details=True, resample=resample)
+    given = [n for n, v in (("BEV layout", layout), ("3D boxes", boxes)) if v is not None]
     agree = res.agreement
     return {"result": res, "real": region["labels"], "agreement": float(np.mean(list(agree.values()))),
             "agreement_per_chunk": agree, "stats": seam_statistics(res.labels, res.offsets, grid, band),
@@ -391,9 +396,10 @@ def outpaint_seams(gen: dict, preset: str, seed: int = 0, resample: int = 0, ban
                          "preset": preset, "seeds": f"sample seed {seed}",
                          "samples": f"one {size.outpaint[0]}x{size.outpaint[1]}-chunk map, DDIM {size.sampler_steps} "
                                     f"steps, RePaint resampling {resample}",
-                         "conditions": "the BEV layout of a real val region" if model.config.layout_cond else "none",
-                         "ground_truth_in_sampling": "the real region's BEV layout, as the condition; never its "
-                                                     "labels" if model.config.layout_cond else "never",
+                         "conditions": f"the {' and '.join(given)} of a real val region (each chunk: its crop "
+                                       f"of the layout, the boxes whose centre it holds)" if given else "none",
+                         "ground_truth_in_sampling": f"the real region's {' and '.join(given)}, as conditions; never "
+                                                     f"its labels" if given else "never",
                          "runs": [gen["run_id"]]}}
 
 
