@@ -106,7 +106,8 @@ def _train_vae(args) -> int:
 
     spec = model_spec(args.model, cfg)
     out = args.out or runs_dir() / run_key(spec, data, train_cfg)
-    result = train(build_model(args.model, spec["config"], train_cfg.seed), spec, data, train_cfg, out, num_classes=cfg.num_classes)
+    model = build_model(args.model, spec["config"], train_cfg.seed)
+    result = train(model, spec, data, train_cfg, out, num_classes=cfg.num_classes)
     print(json.dumps({"out": str(result.out_dir), "miou": result.miou, "iou": result.metrics["val"]["iou"],
                       "s_per_iter": result.metrics["s_per_iter"], "peak_mem_gib": result.metrics["peak_mem_gib"]}))
     return 0

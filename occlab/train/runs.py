@@ -1,8 +1,8 @@
 """The run cache: every trained model is stored under a key derived from its whole configuration.
 
 The key hashes the model name and config, the data and training configs (minus what does not change the
-result beyond rounding: device, threads, workers, logging cadence) and the source of the model's code, so notebooks that need
-the same model train it once, a finished run is reused, and an interrupted one resumes.
+result beyond rounding: device, threads, workers, logging cadence) and the source of the model's code, so
+notebooks that need the same model train it once, a finished run is reused, and an interrupted one resumes.
 """
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def train_or_load(name: str, config, data: DataConfig, train: TrainConfig, root:
     if not isolate:
         from occlab.train.trainer import train as run_training
 
-        run_training(build_model(name, spec["config"], train.seed), spec, data, train, run.path, config.num_classes, progress)
+        model = build_model(name, spec["config"], train.seed)
+        run_training(model, spec, data, train, run.path, config.num_classes, progress)
         return run
     run.path.mkdir(parents=True, exist_ok=True)
     job = run.path / "job.json"
